@@ -47,8 +47,8 @@ typecheck: $(VENV)/.installed-dev
 
 # Regenerates the committed gRPC code from protos/rnnserve/v1/inference.proto.
 protos: $(VENV)/.installed-dev
-	$(BIN)/python -m grpc_tools.protoc -I protos --python_out=protos --pyi_out=protos \
-		--grpc_python_out=protos protos/rnnserve/v1/inference.proto
+	$(BIN)/python -m grpc_tools.protoc -I . --python_out=. --pyi_out=. --grpc_python_out=. \
+		protos/rnnserve/v1/inference.proto
 
 bench: $(VENV)/.installed-dev
 	$(BIN)/rnnserve bench

@@ -1,0 +1,1 @@
+"""Wire contract of rnnserve: protocol buffers and generated gRPC code (make protos)."""
