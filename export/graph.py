@@ -22,6 +22,7 @@ Graph, for B rows of T tokens, L layers, hidden H, vocabulary V:
 from __future__ import annotations
 
 from collections.abc import Mapping
+from typing import Any
 
 import numpy as np
 import onnx
@@ -66,7 +67,7 @@ def build_model(
         initializers.append(numpy_helper.from_array(value, name))
         return name
 
-    def node(op: str, inputs: list[str], outputs: list[str], **attrs: object) -> None:
+    def node(op: str, inputs: list[str], outputs: list[str], **attrs: Any) -> None:
         nodes.append(helper.make_node(op, inputs, outputs, name=f"{outputs[0]}/{op}", **attrs))
 
     def to_compute(name: str) -> str:
@@ -117,7 +118,7 @@ def build_model(
             *initial,
         ]
         outputs = [f"rnn_out_l{layer}", *(f"{n}_l{layer}" for n in state_outputs)]
-        attrs: dict[str, object] = {"hidden_size": hidden_size, "direction": "forward"}
+        attrs: dict[str, Any] = {"hidden_size": hidden_size, "direction": "forward"}
         if arch == "gru":
             # PyTorch applies the reset gate after the recurrent linear map.
             attrs["linear_before_reset"] = 1
@@ -150,7 +151,7 @@ def build_model(
     to_float32("last_logits_compute", sig.LAST_LOGITS)
 
     vocab_size = int(weights["decoder.weight"].shape[0])
-    state_shape = [sig.BATCH, num_layers, hidden_size]
+    state_shape: list[str | int | None] = [sig.BATCH, num_layers, hidden_size]
     graph_inputs = [
         helper.make_tensor_value_info(sig.TOKENS, TensorProto.INT64, [sig.BATCH, sig.SEQ]),
         helper.make_tensor_value_info(sig.LENGTHS, TensorProto.INT32, [sig.BATCH]),
