@@ -28,7 +28,7 @@ $(VENV)/.installed-dev: $(VENV)/.installed-serve
 
 # Trains and exports the default models only when the repository lacks them.
 models: $(VENV)/.installed-serve
-	$(BIN)/python -m serving.bootstrap --repository $(REPOSITORY) --checkpoints $(CHECKPOINTS)
+	$(BIN)/python -m export.bootstrap --repository $(REPOSITORY) --checkpoints $(CHECKPOINTS)
 
 serve: models
 	$(BIN)/rnnserve serve --repository $(REPOSITORY) --host $(HOST) --port $(PORT) --device $(DEVICE)
