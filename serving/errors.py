@@ -6,7 +6,7 @@ is allowed, because it reaches the client verbatim.
 
     ServingError
     ├── InvalidArgumentError         INVALID_ARGUMENT     bad tokens or options
-    ├── FailedPreconditionError      FAILED_PRECONDITION  a request out of order on a Stream
+    │   └── StreamOrderError         INVALID_ARGUMENT     a request out of order on a Stream
     ├── NotFoundError                NOT_FOUND            unknown model or version
     │   └── SessionNotFoundError     NOT_FOUND            unknown, expired, evicted or closed session
     ├── ResourceExhaustedError       RESOURCE_EXHAUSTED   a limit (tokens, max_new_tokens, sessions)
@@ -28,8 +28,12 @@ class InvalidArgumentError(ServingError):
     """Token ids outside the vocabulary, empty chunks, nonsensical sampling options."""
 
 
-class FailedPreconditionError(ServingError):
-    """A request that is valid in itself but not at this point of a Stream (chunk before open)."""
+class StreamOrderError(InvalidArgumentError):
+    """A request that is valid in itself but not at this point of a Stream (chunk before open).
+
+    ARCHITECTURE.md fixes the status codes clients handle; an out-of-order request is a bad
+    request, so it answers INVALID_ARGUMENT with a message naming the expected order.
+    """
 
 
 class NotFoundError(ServingError):
@@ -58,7 +62,6 @@ class InferenceFailedError(ServingError):
 
 _STATUS_CODES: dict[type[ServingError], grpc.StatusCode] = {
     InvalidArgumentError: grpc.StatusCode.INVALID_ARGUMENT,
-    FailedPreconditionError: grpc.StatusCode.FAILED_PRECONDITION,
     NotFoundError: grpc.StatusCode.NOT_FOUND,
     ResourceExhaustedError: grpc.StatusCode.RESOURCE_EXHAUSTED,
     UnavailableError: grpc.StatusCode.UNAVAILABLE,

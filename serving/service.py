@@ -15,7 +15,7 @@ import grpc
 
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
-from serving.errors import FailedPreconditionError, InvalidArgumentError, ServingError, status_code
+from serving.errors import InvalidArgumentError, ServingError, StreamOrderError, status_code
 from serving.registry import LoadedModel
 from serving.runtime import GenerateParams, Runtime, SamplingFields
 from serving.scheduler import PredictionRequest, StepResult
@@ -105,7 +105,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 kind = request.WhichOneof("kind")
                 if kind == "chunk":
                     if session is None:
-                        raise FailedPreconditionError(
+                        raise StreamOrderError(
                             "a chunk arrived before open or resume: the first message of a stream "
                             "must open or resume a session"
                         )
@@ -120,7 +120,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     )
                 elif kind in ("open", "resume"):
                     if session is not None:
-                        raise FailedPreconditionError(
+                        raise StreamOrderError(
                             f"this stream already carries session {session.id}; "
                             f"one stream carries one session (open another stream)"
                         )
@@ -143,7 +143,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     )
                 elif kind == "control":
                     if session is None:
-                        raise FailedPreconditionError(
+                        raise StreamOrderError(
                             "a control arrived before open or resume: the first "
                             "message of a stream must open or resume a session"
                         )
@@ -186,7 +186,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             await asyncio.wait_for(anext(requests), self.runtime.settings.stream_end_linger_s)
         except (StopAsyncIteration, asyncio.TimeoutError):  # the same class from Python 3.11
             return
-        raise FailedPreconditionError(
+        raise StreamOrderError(
             f"a request followed CONTROL_END on this stream; session {session.id} "
             f"has ended (open or resume a session on a new stream)"
         )

@@ -100,7 +100,7 @@ class ServerSettings:
         default=1.0,
         metadata=_about(
             "after CONTROL_END, how long a Stream waits for the client to half-close (a request "
-            "arriving meanwhile is answered with FAILED_PRECONDITION)"
+            "arriving meanwhile is answered with INVALID_ARGUMENT)"
         ),
     )
     max_message_bytes: int = field(

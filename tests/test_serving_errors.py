@@ -17,7 +17,7 @@ from serving.client import RnnserveClient, Sampling
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
-PRECONDITION = grpc.StatusCode.FAILED_PRECONDITION
+PRECONDITION = grpc.StatusCode.INVALID_ARGUMENT  # out-of-order requests are bad requests
 VOCAB = 32  # the tiny models' vocabulary
 
 
