@@ -90,6 +90,8 @@ class ServerProcess:
         self._process.start()
         child_conn.close()
         self.port = self._wait_ready()
+        # The pid lets a profiler attach while the bench drives the server (py-spy record --pid).
+        print(f"[bench] {label} serving on {self.address} (pid {self.pid})", flush=True)
 
     def _wait_ready(self) -> int:
         if not self._conn.poll(START_TIMEOUT_S):

@@ -195,9 +195,25 @@ def _markdown(header: list[str], rows: Iterator[list[str]] | list[list[str]]) ->
     return "\n".join(lines)
 
 
+def _machine_line(results: dict[str, Any]) -> str:
+    meta = results.get("meta", {})
+    start, end = meta.get("load_average_at_start"), meta.get("load_average_at_end")
+    load = (
+        ""
+        if start is None or end is None
+        else f", 1-minute load average {start[0]:.1f} at start, {end[0]:.1f} at end"
+    )
+    return (
+        f"rnnserve bench, {meta.get('started_at', '?')}: {meta.get('cpu_count', '?')} CPUs"
+        f" ({meta.get('processor', '?')}){load}; "
+        + ", ".join(f"{package} {version}" for package, version in meta.get("versions", {}).items())
+    )
+
+
 def format_report(results: dict[str, Any], targets: list[Target]) -> str:
     """Markdown tables: raw engine, load points, idle sessions, targets."""
     parts = [
+        _machine_line(results),
         "### Raw onnxruntime",
         _markdown(["model", "run", "p50 µs", "p99 µs", "tokens/s"], list(_engine_rows(results))),
         "### Load (closed loop; one request in flight per stream)",

@@ -85,7 +85,6 @@ class Bench:
             return self._server
         self.stop_server()
         label = "rnnserve server" + "".join(f" {key}={value}" for key, value in options.items())
-        print(f"[bench] starting {label}", flush=True)
         self._server = ServerProcess(
             label,
             server_process_main,
@@ -173,7 +172,6 @@ def _int8_model(bench: Bench, model: BenchModel) -> BenchModel:
 async def run_echo(bench: Bench) -> dict[str, Any]:
     config = bench.config
     vocab_size = bench.models[0].vocab_size
-    print("[bench] starting the echo server", flush=True)
     with ServerProcess("echo server", echo_process_main, (config.host, vocab_size), config.host) as server:
         sweep = await _sweep(bench, "echo", server.address, "echo", vocab_size)
     return {"echo": {**sweep, "note": "transport only: canned replies, no inference"}}
