@@ -9,9 +9,10 @@
     endpoint.close()
 
 Each observer has its own registry (never prometheus_client's global one), so tests and several
-servers in one process do not collide. Hooks are cheap on the hot path: label children are
-bound once per model (or RPC) and cached, so a batch costs a few lock-protected additions, and
-no label carries per-request values (session ids, tokens, paths). prometheus_client is
+servers in one process do not collide. Hooks are cheap on the hot path: a batch's statistics
+are added under one lock (serving.metrics_batches; about 15 µs for a 64-row batch, against 130
+µs with prometheus_client's Histogram), other label children are bound once per model or RPC
+and cached, and no label carries per-request values (session ids, tokens, paths). Every hook is
 thread-safe, so batch hooks may run on the models' worker threads.
 
 Metric names (all prefixed rnnserve_):
@@ -47,59 +48,27 @@ from typing import Any
 from wsgiref.simple_server import WSGIRequestHandler, WSGIServer, make_server
 
 import grpc
-from prometheus_client import (
-    CollectorRegistry,
-    Counter,
-    Gauge,
-    Histogram,
-    make_wsgi_app,
-)
+from prometheus_client import CollectorRegistry, Counter, Gauge, Histogram, make_wsgi_app
 from prometheus_client.gc_collector import GCCollector
 from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
+from serving.metrics_batches import BatchMetrics
 from serving.observers import ServerObserver
 
 PREFIX = "rnnserve"
+# fmt: off
 BATCH_SIZE_BUCKETS = (1, 2, 4, 8, 16, 32, 64, 128, 256, 512, 1024)
 # From 100 µs (a small batch on a fast CPU) to seconds (a deep queue or a huge prompt piece).
-LATENCY_BUCKETS = (
-    0.0001,
-    0.00025,
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-)
-REQUEST_BUCKETS = (
-    0.0005,
-    0.001,
-    0.0025,
-    0.005,
-    0.01,
-    0.025,
-    0.05,
-    0.1,
-    0.25,
-    0.5,
-    1.0,
-    2.5,
-    5.0,
-    10.0,
-    30.0,
-    60.0,
-    300.0,
-)
+LATENCY_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5,
+                   1.0, 2.5, 5.0)
+# A whole call: a unary Step takes milliseconds, a Stream or a long Generate minutes.
+REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0, 2.5, 5.0, 10.0,
+                   30.0, 60.0, 300.0)
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
+# fmt: on
+# A call cancelled this close to its deadline is counted as DEADLINE_EXCEEDED (see _status).
+DEADLINE_SLACK_S = 0.25
 UNKNOWN_METHOD = ("unknown", "unknown")  # labels of calls to methods the server does not have
 
 
@@ -109,12 +78,7 @@ class _ModelSeries:
 
     tokens_in: Any
     tokens_out: Any
-    batch_size: Any
-    batch_tokens: Any
-    batch_padded_tokens: Any
     batch_failures: Any
-    queue_wait: Any
-    compute: Any
     sessions_opened: Any
 
 
@@ -193,18 +157,11 @@ class MetricsObserver(ServerObserver):
         self.sessions_restored = counter(
             "sessions_restored", "Sessions restored from saved state, by source", ("model", "source")
         )
-        self.batch_size = histogram(
-            "batch_size", "Sessions (rows) per onnxruntime run", ("model",), BATCH_SIZE_BUCKETS
-        )
-        self.batch_tokens = counter("batch_tokens", "Real tokens run in batches", ("model",))
-        self.batch_padded_tokens = counter(
-            "batch_padded_tokens", "Token slots run in batches, padding included (rows x width)", ("model",)
-        )
+        # batch_size, batch_compute_seconds, queue_wait_seconds, batch_(padded_)tokens_total:
+        # aggregated under one lock per batch (serving.metrics_batches), for the worker threads.
+        self.batches = BatchMetrics(PREFIX, BATCH_SIZE_BUCKETS, LATENCY_BUCKETS)
+        self.registry.register(self.batches)
         self.batch_failures = counter("batch_failures", "onnxruntime runs that raised", ("model",))
-        self.queue_wait = histogram(
-            "queue_wait_seconds", "From a request's submission to its first run", ("model",), LATENCY_BUCKETS
-        )
-        self.compute = histogram("batch_compute_seconds", "One onnxruntime run", ("model",), LATENCY_BUCKETS)
         self.model_loads = counter("model_loads", "Model versions loaded (reloads included)", ("model",))
         self.model_reloads = counter(
             "model_reloads", "Model versions loaded while another version of the model was loaded", ("model",)
@@ -224,7 +181,9 @@ class MetricsObserver(ServerObserver):
         self.store_seconds = histogram(
             "state_store_seconds", "State store call duration", ("operation",), STORE_BUCKETS
         )
-        self.store_up = gauge("state_store_up", "1 while the session state store answers, 0 after a failure")
+        # Registered by the first state_store_availability call, so a server without a store
+        # exports no misleading 0.
+        self.store_up: Gauge | None = None
         self.snapshot_writes = counter(
             "snapshot_writes", "Session snapshot writes by outcome (ok, failed)", ("outcome",)
         )
@@ -246,12 +205,7 @@ class MetricsObserver(ServerObserver):
                     series = _ModelSeries(
                         tokens_in=self.tokens_in.labels(model),
                         tokens_out=self.tokens_out.labels(model),
-                        batch_size=self.batch_size.labels(model),
-                        batch_tokens=self.batch_tokens.labels(model),
-                        batch_padded_tokens=self.batch_padded_tokens.labels(model),
                         batch_failures=self.batch_failures.labels(model),
-                        queue_wait=self.queue_wait.labels(model),
-                        compute=self.compute.labels(model),
                         sessions_opened=self.sessions_opened.labels(model),
                     )
                     self._models[model] = series
@@ -293,13 +247,7 @@ class MetricsObserver(ServerObserver):
         queue_waits_s: Sequence[float],
         compute_s: float,
     ) -> None:
-        series = self._model(model)
-        series.batch_size.observe(rows)
-        series.batch_tokens.inc(tokens)
-        series.batch_padded_tokens.inc(padded_tokens)
-        series.compute.observe(compute_s)
-        for wait in queue_waits_s:
-            series.queue_wait.observe(wait)
+        self.batches.record(model, rows, tokens, padded_tokens, queue_waits_s, compute_s)
 
     def batch_failed(self, model: str, version: int, rows: int) -> None:
         self._model(model).batch_failures.inc()
@@ -363,6 +311,14 @@ class MetricsObserver(ServerObserver):
             self.store_seconds.labels(operation).observe(seconds)
 
     def state_store_availability(self, available: bool) -> None:
+        if self.store_up is None:
+            with self._lock:
+                if self.store_up is None:
+                    self.store_up = Gauge(
+                        f"{PREFIX}_state_store_up",
+                        "1 while the session state store answers, 0 from a failure until it answers again",
+                        registry=self.registry,
+                    )
         self.store_up.set(1 if available else 0)
 
     def snapshot_written(self, path: str, sessions: int, size_bytes: int, seconds: float) -> None:
@@ -398,8 +354,10 @@ def _status(context: Any, error: BaseException | None) -> grpc.StatusCode:
     if error is None:
         return grpc.StatusCode.OK
     if isinstance(error, asyncio.CancelledError | GeneratorExit):
+        # The client's own deadline timer usually fires first and cancels the call slightly before
+        # the server's copy of the deadline (which started when the headers arrived) runs out.
         remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= 0
+        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
         return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
     return grpc.StatusCode.UNKNOWN  # grpc answers an unexpected exception with UNKNOWN
 

@@ -149,6 +149,11 @@ class SnapshotNotFoundError(SnapshotReadError):
     """There is no snapshot file at the path (a first start, or it was removed)."""
 
 
+def is_valid_session_id(text: str) -> bool:
+    """Whether `text` can be a record's session id (1-128 of A-Z, a-z, 0-9, '_', '.', '-')."""
+    return bool(_SESSION_ID.fullmatch(text))
+
+
 def _frozen_array(array: np.ndarray, what: str, ndim: int) -> np.ndarray:
     """A read-only, C-contiguous view of a float32 array (copies only when not contiguous)."""
     if not isinstance(array, np.ndarray) or array.dtype != np.float32:

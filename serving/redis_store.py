@@ -51,6 +51,7 @@ from serving.persistence import (
     SessionRecord,
     decode_record,
     encode_record,
+    is_valid_session_id,
 )
 
 log = logging.getLogger(__name__)
@@ -81,7 +82,7 @@ class StateStoreEvents(Protocol):
         "ok", "miss", "corrupt", "failed", "skipped"; seconds it took (0 when skipped)."""
 
     def state_store_availability(self, available: bool) -> None:
-        """The store changed between available and unavailable."""
+        """True when the store is created and when Redis answers again; False at a failure."""
 
 
 @dataclass(frozen=True)
@@ -174,6 +175,8 @@ class RedisStateStore:
         self._last_warning = -math.inf
         self._unreported = 0  # failures since the last warning
         self.failures = 0  # calls that failed or were skipped, since creation
+        if events is not None:
+            events.state_store_availability(True)  # optimistic: the first failing call says otherwise
 
     @property
     def available(self) -> bool:
@@ -210,8 +213,12 @@ class RedisStateStore:
     async def load(self, session_id: str) -> SessionRecord | None:
         """The record saved for the session, or None when there is none (never saved, or expired).
 
-        Raises RecordCorruptError when the stored value is not a valid record for this id.
+        Raises RecordCorruptError when the stored value is not a valid record for this id. An id no
+        record can have (see persistence.is_valid_session_id) is a miss without a call to Redis.
         """
+        if not is_valid_session_id(session_id):
+            self._report("load", MISS, 0.0)
+            return None
         key = self.key(session_id)
         started = self.clock()
         value = await self._call("load", lambda: self._client.get(key), report=False)
