@@ -3,6 +3,11 @@
 Every handler turns a ServingError into its status (errors.status_code) with the error's message;
 nothing else is decided here. `identity(context)` names the caller for session ownership (None
 while auth is off; the auth layer supplies its own function).
+
+Register the servicer with `add_inference_servicer`, not the generated
+`add_InferenceServicer_to_server`: a request body that is not the method's protobuf message then
+answers INVALID_ARGUMENT naming the message type, where grpc's own deserializer answers UNKNOWN
+("Unexpected <class 'DecodeError'>"), a code clients cannot act on.
 """
 
 from __future__ import annotations
@@ -10,12 +15,21 @@ from __future__ import annotations
 import asyncio
 import json
 from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
 
 import grpc
+from google.protobuf.message import DecodeError, Message
 
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
-from serving.errors import InvalidArgumentError, ServingError, StreamOrderError, status_code
+from serving.errors import (
+    InvalidArgumentError,
+    ServingError,
+    SessionNotFoundError,
+    StreamOrderError,
+    status_code,
+)
 from serving.registry import LoadedModel
 from serving.runtime import GenerateParams, Runtime, SamplingFields
 from serving.scheduler import PredictionRequest, StepResult
@@ -26,6 +40,67 @@ Identity = Callable[[grpc.aio.ServicerContext], "str | None"]
 
 def no_identity(context: grpc.aio.ServicerContext) -> str | None:
     return None
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """Stands in for a request body that does not parse as its method's protobuf message.
+
+    The request deserializer returns it instead of raising, so the handler can answer
+    INVALID_ARGUMENT (a raising deserializer makes grpc answer UNKNOWN).
+    """
+
+    message_type: str  # e.g. "rnnserve.v1.StepRequest"
+    reason: str  # protobuf's reason, e.g. "Wire format was corrupt"
+
+    def error(self) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            f"the request body is not a valid {self.message_type} protobuf message: {self.reason}"
+        )
+
+
+def _request_parser(message_class: type[Message]) -> Callable[[bytes], Any]:
+    """A request deserializer that answers a MalformedRequest instead of raising DecodeError."""
+    message_type = message_class.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as error:
+            # upb says "Error parsing message with type 'T': <reason>"; T is in our message already.
+            return MalformedRequest(message_type, str(error).rpartition("': ")[2] or str(error))
+
+    return parse
+
+
+def add_inference_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register rnnserve.v1.Inference on `server` (the generated registration, with request
+    deserializers that let malformed bodies reach the handler as a MalformedRequest)."""
+    service = pb.DESCRIPTOR.services_by_name["Inference"]
+    kinds = {
+        (False, False): grpc.unary_unary_rpc_method_handler,
+        (False, True): grpc.unary_stream_rpc_method_handler,
+        (True, False): grpc.stream_unary_rpc_method_handler,
+        (True, True): grpc.stream_stream_rpc_method_handler,
+    }
+    handlers = {
+        method.name: kinds[method.client_streaming, method.server_streaming](
+            getattr(servicer, method.name),
+            request_deserializer=_request_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    # As the generated code does: calls from generated stubs then skip the generic lookup.
+    # (grpc-stubs does not know this grpcio >= 1.62 method.)
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
+
+
+def _check_parsed(request: object) -> None:
+    """Raise InvalidArgumentError for a body that did not parse (see MalformedRequest)."""
+    if type(request) is MalformedRequest:
+        raise request.error()
 
 
 def sampling_fields(options: pb.SamplingOptions) -> SamplingFields:
@@ -81,9 +156,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     def _close_later(self, session: Session) -> None:
         """Close a session from a handler that is being torn down (it may have a step in flight)."""
-        task = asyncio.get_running_loop().create_task(self.runtime.close(session))
+        task = asyncio.get_running_loop().create_task(self._close_quietly(session))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
+
+    async def _close_quietly(self, session: Session) -> None:
+        try:
+            await self.runtime.close(session)
+        except SessionNotFoundError:
+            # Another request (CloseSession, an expiry) ended the session while this close waited
+            # for its turn: it is gone, which is what this close wanted. Nobody awaits this task,
+            # so the error would otherwise surface as "Task exception was never retrieved".
+            return
 
     async def Stream(  # noqa: N802 (a gRPC method name)
         self,
@@ -102,6 +186,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     request = await anext(requests)
                 except StopAsyncIteration:
                     return
+                if type(request) is MalformedRequest:
+                    raise request.error()
                 kind = request.WhichOneof("kind")
                 if kind == "chunk":
                     if session is None:
@@ -196,18 +282,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request: pb.GenerateRequest,
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.GenerateResponse]:
-        params = GenerateParams(
-            model=request.model,
-            version=request.version,
-            session_id=request.session_id,
-            prompt_tokens=request.prompt_tokens,
-            prompt_text=request.prompt_text,
-            max_new_tokens=request.max_new_tokens,
-            sampling=sampling_fields(request.sampling),
-            stop_tokens=request.stop_tokens,
-            keep_session=request.keep_session,
-        )
         try:
+            _check_parsed(request)
+            params = GenerateParams(
+                model=request.model,
+                version=request.version,
+                session_id=request.session_id,
+                prompt_tokens=request.prompt_tokens,
+                prompt_text=request.prompt_text,
+                max_new_tokens=request.max_new_tokens,
+                sampling=sampling_fields(request.sampling),
+                stop_tokens=request.stop_tokens,
+                keep_session=request.keep_session,
+            )
             generation = await self.runtime.generate(params, self.identity(context))
         except ServingError as error:
             await context.abort(status_code(error), str(error))
@@ -234,6 +321,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         context: grpc.aio.ServicerContext,
     ) -> pb.CreateSessionResponse:
         try:
+            _check_parsed(request)
             session = self.runtime.open_session(request.model, request.version, self.identity(context))
         except ServingError as error:
             await context.abort(status_code(error), str(error))
@@ -246,6 +334,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> pb.StepResponse:
         runtime = self.runtime
         try:
+            _check_parsed(request)
             session = runtime.find_session(request.session_id, self.identity(context))
             options = self._options(session.model, request.options)
             tokens = runtime.check_tokens(session.model, request.tokens, "a Step")
@@ -265,6 +354,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         context: grpc.aio.ServicerContext,
     ) -> pb.CloseSessionResponse:
         try:
+            _check_parsed(request)
             await self.runtime.close(self.runtime.find_session(request.session_id, self.identity(context)))
         except ServingError as error:
             await context.abort(status_code(error), str(error))
@@ -275,6 +365,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request: pb.ListModelsRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.ListModelsResponse:
+        if type(request) is MalformedRequest:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
         registry = self.runtime.registry
         return pb.ListModelsResponse(
             models=[self._model_info(name, registry.versions(name)) for name in registry.names()]
@@ -284,6 +376,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         try:
+            _check_parsed(request)
             model = self.runtime.registry.describe(request.name, request.version)
         except ServingError as error:
             await context.abort(status_code(error), str(error))
