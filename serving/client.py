@@ -12,13 +12,23 @@ Responses are the protobuf messages of protos/rnnserve/v1/inference.proto. A fai
 grpc.aio.AioRpcError; `error.code()` is the status (see ARCHITECTURE.md) and `error.details()`
 the server's message. It is built on grpc.aio because the synchronous API caps a client at a few
 thousand messages per second.
+
+A secured server (TLS, bearer tokens) is reached with a Connection:
+
+    connection = Connection(tls_ca=Path("ca.pem"), token=os.environ["RNNSERVE_TOKEN"])
+    async with RnnserveClient("rnnserve.example:50051", connection=connection) as client:
+        ...
 """
 
 from __future__ import annotations
 
+import argparse
+import os
 from collections.abc import AsyncIterator, Iterable, Sequence
 from dataclasses import dataclass
+from pathlib import Path
 from types import TracebackType
+from typing import Any
 
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
@@ -28,8 +38,98 @@ from protos.rnnserve.v1 import inference_pb2_grpc
 from serving.tokenizer import Tokenizer, tokenizer_from_json
 
 Metadata = Sequence[tuple[str, str]]
+ChannelOptions = Sequence[tuple[str, Any]]
 # grpc.aio's end-of-stream marker for call.read() (missing from the grpc-stubs type stubs).
 EOF_MARKER = grpc.aio.EOF  # type: ignore[attr-defined]
+TOKEN_ENV = "RNNSERVE_TOKEN"
+
+
+class ConnectionConfigError(ValueError):
+    """TLS files that cannot be read; the message names the file."""
+
+
+@dataclass(frozen=True)
+class Connection:
+    """How to reach a server: TLS (with a CA, a client certificate) and a bearer token.
+
+    `tls` with no `tls_ca` trusts the system's CA certificates. `tls_server_name` checks the
+    server's certificate against that name instead of the target's host (e.g. a certificate
+    for "localhost" reached as 127.0.0.1).
+    """
+
+    tls: bool = False
+    tls_ca: Path | None = None
+    tls_cert: Path | None = None  # client certificate, for mutual TLS (with tls_key)
+    tls_key: Path | None = None
+    tls_server_name: str | None = None
+    token: str | None = None
+
+    @property
+    def uses_tls(self) -> bool:
+        return self.tls or self.tls_ca is not None or self.tls_cert is not None
+
+    def credentials(self) -> grpc.ChannelCredentials | None:
+        """Channel credentials, or None for plaintext. Raises ConnectionConfigError for bad files."""
+        if not self.uses_tls:
+            return None
+        if (self.tls_cert is None) != (self.tls_key is None):
+            raise ConnectionConfigError("--tls-cert and --tls-key go together: give both or neither")
+        return grpc.ssl_channel_credentials(
+            root_certificates=_read(self.tls_ca, "--tls-ca"),
+            private_key=_read(self.tls_key, "--tls-key"),
+            certificate_chain=_read(self.tls_cert, "--tls-cert"),
+        )
+
+    def metadata(self) -> tuple[tuple[str, str], ...]:
+        return bearer_metadata(self.token) if self.token else ()
+
+    def options(self) -> list[tuple[str, Any]]:
+        if self.uses_tls and self.tls_server_name:
+            return [("grpc.ssl_target_name_override", self.tls_server_name)]
+        return []
+
+
+def _read(path: Path | None, flag: str) -> bytes | None:
+    if path is None:
+        return None
+    try:
+        return path.read_bytes()
+    except OSError as error:
+        raise ConnectionConfigError(f"{flag} {path} cannot be read: {error}") from None
+
+
+def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:
+    """The metadata a server with bearer tokens asks for."""
+    return (("authorization", f"Bearer {token}"),)
+
+
+def add_connection_arguments(parser: argparse.ArgumentParser) -> None:
+    """--tls, --tls-ca, --tls-cert, --tls-key, --tls-server-name and --token (for the CLIs)."""
+    parser.add_argument("--tls", action="store_true", help="use TLS, trusting the system's CA certificates")
+    parser.add_argument("--tls-ca", type=Path, default=None, help="PEM CA certificates to trust (TLS)")
+    parser.add_argument("--tls-cert", type=Path, default=None, help="PEM client certificate (mutual TLS)")
+    parser.add_argument("--tls-key", type=Path, default=None, help="PEM private key of --tls-cert")
+    parser.add_argument(
+        "--tls-server-name", default=None, help="name the server's certificate must carry, if not the host"
+    )
+    parser.add_argument(
+        "--token",
+        default=None,
+        help=f"bearer token for a server with tokens (default: ${TOKEN_ENV}; prefer the variable, "
+        f"a flag shows in the process list)",
+    )
+
+
+def connection_from(args: argparse.Namespace) -> Connection:
+    """The Connection of parsed add_connection_arguments flags (token: flag, else $RNNSERVE_TOKEN)."""
+    return Connection(
+        tls=args.tls,
+        tls_ca=args.tls_ca,
+        tls_cert=args.tls_cert,
+        tls_key=args.tls_key,
+        tls_server_name=args.tls_server_name,
+        token=args.token or os.environ.get(TOKEN_ENV) or None,
+    )
 
 
 @dataclass(frozen=True)
@@ -136,7 +236,8 @@ class StreamSession:
 
 
 class RnnserveClient:
-    """Client for one server. `metadata` goes with every call (e.g. an authorization header)."""
+    """Client for one server. `metadata` goes with every call (e.g. an authorization header);
+    `connection` adds its TLS credentials, token metadata and channel options."""
 
     def __init__(
         self,
@@ -146,12 +247,18 @@ class RnnserveClient:
         metadata: Metadata = (),
         timeout: float | None = None,
         channel: grpc.aio.Channel | None = None,
+        connection: Connection | None = None,
+        options: ChannelOptions = (),
     ) -> None:
+        if connection is not None:
+            credentials = connection.credentials() or credentials
+            metadata = (*metadata, *connection.metadata())
+            options = (*options, *connection.options())
         if channel is None:
             channel = (
-                grpc.aio.secure_channel(target, credentials)
+                grpc.aio.secure_channel(target, credentials, options=list(options))
                 if credentials is not None
-                else grpc.aio.insecure_channel(target)
+                else grpc.aio.insecure_channel(target, options=list(options))
             )
         self.target = target
         self.channel = channel

@@ -14,7 +14,13 @@ from collections.abc import Sequence
 
 import grpc
 
-from serving.client import RnnserveClient, Sampling
+from serving.client import (
+    ConnectionConfigError,
+    RnnserveClient,
+    Sampling,
+    add_connection_arguments,
+    connection_from,
+)
 from serving.tokenizer import TokenizerError, tokenizer_from_json
 
 
@@ -34,6 +40,7 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--top-k", type=int, default=0, help="sample among the k most likely; 0 = all")
     parser.add_argument("--top-p", type=float, default=1.0, help="nucleus sampling mass in (0, 1]")
     parser.add_argument("--timeout", type=float, default=60.0, help="seconds before giving up")
+    add_connection_arguments(parser)
     return parser.parse_args(list(argv))
 
 
@@ -42,12 +49,20 @@ def describe(error: grpc.aio.AioRpcError, target: str) -> str:
         return f"cannot reach an rnnserve server at {target} ({error.details()})"
     if error.code() == grpc.StatusCode.DEADLINE_EXCEEDED:
         return f"the server at {target} did not answer in time"
+    if error.code() == grpc.StatusCode.UNAUTHENTICATED:
+        return f"UNAUTHENTICATED: {error.details()} (give --token or set $RNNSERVE_TOKEN)"
     return f"{error.code().name}: {error.details()}"
 
 
 async def generate(args: argparse.Namespace) -> int:
     sampling = Sampling(temperature=args.temperature, top_k=args.top_k, top_p=args.top_p, seed=args.seed)
-    async with RnnserveClient(args.target, timeout=args.timeout) as client:
+    try:
+        connection = connection_from(args)
+        client = RnnserveClient(args.target, timeout=args.timeout, connection=connection)
+    except ConnectionConfigError as error:
+        print(f"rnnserve generate: {error}", file=sys.stderr)
+        return 2
+    async with client:
         try:
             info = await client.get_model(args.model, args.version)
             tokenizer = tokenizer_from_json(info.versions[0].tokenizer_json)

@@ -2,7 +2,9 @@
 
 Exit status 0 when the service is SERVING; 1 otherwise (NOT_SERVING, unknown service, server
 unreachable), with a one-line reason on stderr. `--service ""` (the default) is the whole server;
-a model name or "rnnserve.v1.Inference" checks that alone.
+a model name or "rnnserve.v1.Inference" checks that alone. Against a TLS server give --tls-ca (or
+--tls for the system's CAs); health needs no token. A server with `--health-port` also answers
+health in plaintext on that port, for probes that cannot speak TLS.
 """
 
 from __future__ import annotations
@@ -14,6 +16,8 @@ from collections.abc import Sequence
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from serving.client import Connection, ConnectionConfigError, add_connection_arguments, connection_from
+
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser = argparse.ArgumentParser(
@@ -24,16 +28,31 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
     parser.add_argument("--target", default="127.0.0.1:50051", help="server address HOST:PORT")
     parser.add_argument("--service", default="", help='service to check; "" = the whole server')
     parser.add_argument("--timeout", type=float, default=5.0, help="seconds before giving up")
+    add_connection_arguments(parser)
     return parser.parse_args(list(argv))
 
 
-def check(target: str, service: str, timeout: float) -> tuple[bool, str]:
-    """(serving, message) for one health check."""
+def _channel(target: str, connection: Connection) -> grpc.Channel:
+    credentials = connection.credentials()
+    if credentials is None:
+        return grpc.insecure_channel(target)
+    return grpc.secure_channel(target, credentials, options=connection.options())
+
+
+def check(
+    target: str, service: str, timeout: float, connection: Connection | None = None
+) -> tuple[bool, str]:
+    """(serving, message) for one health check. Raises ConnectionConfigError for bad TLS files."""
     shown = repr(service) if service else "the server"
-    with grpc.insecure_channel(target) as channel:
+    connection = connection or Connection()
+    with _channel(target, connection) as channel:
         stub = health_pb2_grpc.HealthStub(channel)
         try:
-            response = stub.Check(health_pb2.HealthCheckRequest(service=service), timeout=timeout)
+            response = stub.Check(
+                health_pb2.HealthCheckRequest(service=service),
+                timeout=timeout,
+                metadata=connection.metadata(),
+            )
         except grpc.RpcError as error:
             code = error.code() if isinstance(error, grpc.Call) else None
             if code == grpc.StatusCode.NOT_FOUND:
@@ -49,7 +68,11 @@ def check(target: str, service: str, timeout: float) -> tuple[bool, str]:
 
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
-    serving, message = check(args.target, args.service, args.timeout)
+    try:
+        serving, message = check(args.target, args.service, args.timeout, connection_from(args))
+    except ConnectionConfigError as error:
+        print(f"rnnserve health: {error}", file=sys.stderr)
+        return 2
     print(message, file=sys.stdout if serving else sys.stderr)
     return 0 if serving else 1
 

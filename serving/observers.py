@@ -51,3 +51,12 @@ class ServerObserver:
 
     def model_unloaded(self, model: str, version: int) -> None:
         """A retired model version's last session ended and its engine was released."""
+
+    def session_restored(self, model: str, version: int, source: str) -> None:
+        """A session came back from saved state (source "snapshot"); session_opened counts it too."""
+
+    def snapshot_written(self, path: str, sessions: int, size_bytes: int, seconds: float) -> None:
+        """The session snapshot was saved (periodically or at shutdown)."""
+
+    def snapshot_failed(self, path: str, reason: str) -> None:
+        """The session snapshot could not be saved (the reason is also logged)."""

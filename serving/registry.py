@@ -6,7 +6,8 @@ version's sessions, so a version can be retired while serving (hot reload): it t
 sessions, keeps answering the ones it has, and unloads when its last session ends.
 
 All registry methods run on the event loop thread, except `load_version`, which is blocking
-(reading, verifying and compiling the model) and may run anywhere, e.g. in an executor.
+(reading, verifying, compiling and test-running the model) and may run anywhere, e.g. in an
+executor (hot reload loads new versions that way, see serving.reload).
 """
 
 from __future__ import annotations
@@ -16,7 +17,9 @@ import logging
 from collections.abc import Iterator
 from dataclasses import dataclass
 
-from serving.engine import Engine, EngineError, EngineOptions, load_engine
+import numpy as np
+
+from serving.engine import ORT_ERRORS, Engine, EngineError, EngineOptions, load_engine
 from serving.errors import NotFoundError
 from serving.observers import ServerObserver
 from serving.repository import (
@@ -86,10 +89,39 @@ def load_version(
     observer: ServerObserver,
     state_on_device: bool | None = None,
 ) -> LoadedModel:
-    """Verify and load one version (blocking). Raises RepositoryError or EngineError."""
+    """Verify, load and test-run one version (blocking). Raises RepositoryError or EngineError.
+
+    Verification: model.onnx's sha256 against config.json, the graph's metadata, names, dtypes
+    and shapes against the config (repository.load_model_proto), then one run of one token whose
+    logits must have the vocabulary's size and be finite, so a model that loads but cannot serve
+    is refused here rather than failing its first request.
+    """
     model_proto = load_model_proto(manifest)
     engine = load_engine(manifest, model_proto, engines, state_on_device=state_on_device)
+    trial_run(engine)
     return LoadedModel(manifest, manifest.make_tokenizer(), engine, Batcher(engine, batching, observer))
+
+
+def trial_run(engine: Engine) -> None:
+    """Run token 0 through a scratch slot; raise EngineError unless the logits are (1, vocab) and
+    finite. Call before the version's worker starts (it uses the engine directly)."""
+    manifest = engine.manifest
+    slot = engine.acquire_slot()
+    try:
+        logits = engine.step(
+            np.array([slot], np.int64), np.zeros((1, 1), np.int64), np.ones(1, np.int32)
+        )  # (1, vocab)
+    except ORT_ERRORS as error:
+        raise EngineError(f"{manifest.label}: the test run failed: {error}") from None
+    finally:
+        engine.release_slot(slot)  # the next session to take it starts from the zero state
+    if logits.shape != (1, manifest.vocab_size):
+        raise EngineError(
+            f"{manifest.label}: the test run gave logits of shape {logits.shape}, "
+            f"expected (1, {manifest.vocab_size})"
+        )
+    if not np.isfinite(logits).all():
+        raise EngineError(f"{manifest.label}: the test run gave non-finite logits (NaN or inf weights?)")
 
 
 class ModelRegistry:
@@ -112,11 +144,16 @@ class ModelRegistry:
             model.batcher.stop()
         self._loop = None
 
-    def add(self, model: LoadedModel) -> None:
-        """Serve a newly loaded version; new sessions of its name go to the highest live version."""
+    def add(self, model: LoadedModel, retired: bool = False) -> None:
+        """Serve a newly loaded version; new sessions of its name go to the highest live version.
+
+        `retired` adds it closed to new sessions (restoring a snapshot's sessions on an older
+        version); the caller retires it again once those sessions are in, so that it unloads.
+        """
         versions = self._models.setdefault(model.name, {})
         if model.version in versions:
             raise ValueError(f"{model.label} is already loaded")
+        model.retired = retired
         versions[model.version] = model
         if self._loop is not None:
             model.batcher.start(self._loop)
@@ -154,6 +191,15 @@ class ModelRegistry:
 
     def __len__(self) -> int:
         return sum(len(v) for v in self._models.values())
+
+    def all_loaded(self) -> list[LoadedModel]:
+        """Every loaded version, unordered; safe to call from another thread (metrics scrapes):
+        each step copies a dict's values in one operation, atomic under the GIL."""
+        return [model for versions in list(self._models.values()) for model in list(versions.values())]
+
+    def get(self, name: str, version: int) -> LoadedModel | None:
+        """The loaded version (retired or not), or None."""
+        return self._models.get(name, {}).get(version)
 
     def names(self) -> list[str]:
         return sorted(self._models)
@@ -202,12 +248,17 @@ class ModelRegistry:
 
 
 def load_repository(
-    settings: ServerSettings, observer: ServerObserver | None = None, state_on_device: bool | None = None
+    settings: ServerSettings,
+    observer: ServerObserver | None = None,
+    state_on_device: bool | None = None,
+    allow_empty: bool = False,
 ) -> ModelRegistry:
     """Scan the repository and load each model's pinned or newest loadable version.
 
     A version that fails validation or loading is refused with a log line naming why, and the
-    next older version of that model is tried. Raises RepositoryError when nothing can be served.
+    next older version of that model is tried. Raises RepositoryError when the repository is not
+    a directory, and when nothing can be served unless `allow_empty` (a server that waits for
+    models to be exported into its repository).
     """
     registry = ModelRegistry(observer)
     scan = scan_repository(settings.repository)
@@ -226,7 +277,7 @@ def load_repository(
             break
         else:
             log.error("model %r has no servable version", name)
-    if len(registry) == 0:
+    if len(registry) == 0 and not allow_empty:
         raise RepositoryError(
             f"no servable model in {settings.repository} (expected NAME/VERSION/model.onnx and "
             f"config.json; see the errors above)"

@@ -28,6 +28,7 @@ from serving.errors import (
     ServingError,
     SessionNotFoundError,
     StreamOrderError,
+    UnavailableError,
     status_code,
 )
 from serving.registry import LoadedModel
@@ -167,6 +168,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             # Another request (CloseSession, an expiry) ended the session while this close waited
             # for its turn: it is gone, which is what this close wanted. Nobody awaits this task,
             # so the error would otherwise surface as "Task exception was never retrieved".
+            return
+        except UnavailableError:
+            # The server is shutting down and froze its sessions: it, not the client, ended this
+            # stream, and the session stays open for the shutdown snapshot.
             return
 
     async def Stream(  # noqa: N802 (a gRPC method name)

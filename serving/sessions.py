@@ -10,6 +10,11 @@ happened instead of just "not found".
 One session never has two requests in flight: `acquire` / `release` serialise them (a Stream
 chunk, a Step and a Generate on the same session take turns). A session in use is never expired
 or evicted. All methods run on the event loop thread.
+
+With authentication each session has an owner (the token's identity) and an owner may hold at
+most `max_per_owner` sessions. At shutdown the manager is frozen: every later request on any
+session is refused with UNAVAILABLE before it changes anything, so the state a snapshot saves
+is exactly the state of the steps that were answered.
 """
 
 from __future__ import annotations
@@ -22,7 +27,7 @@ from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
-from serving.errors import ResourceExhaustedError, SessionNotFoundError
+from serving.errors import ResourceExhaustedError, SessionNotFoundError, UnavailableError
 from serving.observers import ServerObserver
 from serving.registry import LoadedModel, ModelRegistry
 from serving.state_pool import PoolFullError
@@ -54,6 +59,7 @@ class SessionLimits:
     idle_timeout_s: float = 600.0
     overflow: str = "evict"  # or "refuse"
     gone_memory: int = 65_536  # ids of gone sessions remembered for NOT_FOUND messages
+    max_per_owner: int = 0  # open sessions one owner may hold; 0 = no limit of its own
 
 
 class SessionManager:
@@ -73,6 +79,8 @@ class SessionManager:
         # Least recently used first: lookups move a session to the end.
         self._sessions: OrderedDict[str, Session] = OrderedDict()
         self._gone: OrderedDict[str, str] = OrderedDict()  # id -> why it is gone
+        self._owned: dict[str, int] = {}  # owner -> open sessions
+        self.frozen = False
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -84,8 +92,17 @@ class SessionManager:
     def create(self, model: LoadedModel, owner: str | None = None, session_id: str | None = None) -> Session:
         """Open a session in the zero state on `model`. `session_id` is for restoring a snapshot.
 
-        Raises ResourceExhaustedError at the session limit when nothing can be evicted.
+        Raises ResourceExhaustedError at the session limit when nothing can be evicted, and at the
+        owner's limit; ValueError when `session_id` is already open.
         """
+        if session_id is not None and session_id in self._sessions:
+            raise ValueError(f"session {session_id} is already open")
+        limit = self.limits.max_per_owner
+        if owner is not None and limit and self._owned.get(owner, 0) >= limit:
+            raise ResourceExhaustedError(
+                f"{owner} holds its limit of {limit} open sessions (--max-sessions-per-token); "
+                f"close one (CloseSession or CONTROL_END) or let one expire"
+            )
         if len(self._sessions) >= self.limits.max_sessions:
             self._make_room()
         try:
@@ -98,6 +115,8 @@ class SessionManager:
         session = Session(new_id, model, slot, owner, self.clock())
         self._sessions[new_id] = session
         self._gone.pop(new_id, None)
+        if owner is not None:
+            self._owned[owner] = self._owned.get(owner, 0) + 1
         self.registry.session_started(model)
         self.observer.session_opened(model.name, model.version)
         return session
@@ -148,11 +167,46 @@ class SessionManager:
 
     async def acquire(self, session: Session) -> None:
         """Wait until no other request uses the session, then hold it. Raises SessionNotFoundError
-        if the session was closed meanwhile."""
+        if the session was closed meanwhile, UnavailableError once the manager is frozen."""
         await session.lock.acquire()
         if session.closed:
             session.lock.release()
             raise SessionNotFoundError(self._why_missing(session.id))
+        if self.frozen:
+            session.lock.release()
+            raise UnavailableError(
+                f"the server is shutting down; session {session.id} keeps its state as of its last "
+                f"answered request (resume it after the restart when the server saves sessions)"
+            )
+
+    def freeze(self) -> None:
+        """Refuse every later request on any session (shutdown); requests in flight finish."""
+        self.frozen = True
+
+    @property
+    def busy(self) -> int:
+        """Sessions with a request in flight."""
+        return sum(1 for session in self._sessions.values() if session.busy)
+
+    async def hold(self, session: Session, timeout: float) -> bool:
+        """Hold an open session for a snapshot, waiting at most `timeout` s for its request in
+        flight; frozen or not. False when it closed or stayed busy. Let go with `unhold`."""
+        if not session.lock.locked():
+            await session.lock.acquire()  # at once (or after a request already handed the lock)
+        elif timeout <= 0:
+            return False
+        else:
+            try:
+                await asyncio.wait_for(session.lock.acquire(), timeout)
+            except asyncio.TimeoutError:  # the same class as TimeoutError from Python 3.11
+                return False
+        if session.closed:
+            session.lock.release()
+            return False
+        return True
+
+    def unhold(self, session: Session) -> None:
+        session.lock.release()
 
     def release(self, session: Session) -> None:
         session.last_used = self.clock()
@@ -194,6 +248,12 @@ class SessionManager:
             self._gone[session.id] = message
             while len(self._gone) > self.limits.gone_memory:
                 self._gone.popitem(last=False)
+        if session.owner is not None:
+            left = self._owned[session.owner] - 1
+            if left:
+                self._owned[session.owner] = left
+            else:
+                del self._owned[session.owner]
         session.model.engine.release_slot(session.slot)
         self.registry.session_ended(session.model)
         self.observer.session_ended(session.model.name, session.model.version, reason)

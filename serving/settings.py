@@ -17,7 +17,7 @@ import math
 import os
 import typing
 from collections.abc import Mapping, Sequence
-from dataclasses import MISSING, dataclass, field, fields
+from dataclasses import MISSING, Field, dataclass, field, fields
 from pathlib import Path
 from typing import Any
 
@@ -25,15 +25,20 @@ ENV_PREFIX = "RNNSERVE_"
 DEVICES = ("auto", "cpu", "cuda")
 SESSION_OVERFLOW = ("evict", "refuse")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
+LOG_FORMATS = ("text", "json")
 
 
 class SettingsError(ValueError):
     """A setting with a value outside what is allowed; the message names the flag and variable."""
 
 
-def _about(help: str, choices: Sequence[str] | None = None) -> dict[str, Any]:
-    """A settings field's metadata: its --help text and allowed values."""
-    return {"help": help, "choices": choices}
+def _about(help: str, choices: Sequence[str] | None = None, *, secret: bool = False) -> dict[str, Any]:
+    """A settings field's metadata: its --help text and allowed values.
+
+    A secret setting has no flag (a flag's value shows in `ps` and /proc/PID/cmdline to every user
+    of the machine), only its RNNSERVE_* variable, and is left out of the settings' repr.
+    """
+    return {"help": help, "choices": choices, "secret": secret}
 
 
 @dataclass(frozen=True)
@@ -73,6 +78,13 @@ class ServerSettings:
         default=64,
         metadata=_about(
             "long chunks and prompts run in pieces of at most this many tokens, between other steps"
+        ),
+    )
+    max_queue_steps: int = field(
+        default=4096,
+        metadata=_about(
+            "most requests (Stream chunks, Steps, Generates) waiting for a batch, per model version; "
+            "more are refused at once with RESOURCE_EXHAUSTED"
         ),
     )
     session_idle_timeout_s: float = field(
@@ -115,9 +127,80 @@ class ServerSettings:
         metadata=_about("tokens a Generate may hold for a slow reader before its decoding pauses"),
     )
     grace_period_s: float = field(
-        default=10.0, metadata=_about("on SIGTERM/SIGINT, how long calls in flight may finish")
+        default=10.0,
+        metadata=_about(
+            "on SIGTERM/SIGINT, how long open calls may go on (new sessions are refused at once); "
+            "then steps in flight finish, later ones are refused with UNAVAILABLE"
+        ),
     )
     log_level: str = field(default="INFO", metadata=_about("logging level", LOG_LEVELS))
+    log_format: str = field(
+        default="text", metadata=_about("log lines as text or as one JSON object per line", LOG_FORMATS)
+    )
+    log_requests: bool = field(
+        default=False,
+        metadata=_about(
+            "log one line per finished call (method, status, duration, request id; never tokens or text)"
+        ),
+    )
+    metrics_port: int = field(
+        default=9400, metadata=_about("port of the Prometheus /metrics HTTP endpoint; 0 disables it")
+    )
+    metrics_host: str = field(
+        default="", metadata=_about("address of the /metrics endpoint; empty means the same as --host")
+    )
+    health_port: int = field(
+        default=0,
+        metadata=_about(
+            "a second, plaintext port on --host serving only grpc.health.v1 (for probes that cannot "
+            "speak TLS); 0: health is served on --port only"
+        ),
+    )
+    reload_interval_s: float = field(
+        default=10.0,
+        metadata=_about(
+            "look for new model versions in the repository this often (SIGHUP looks at once); "
+            "0 disables polling"
+        ),
+    )
+    state_snapshot: Path | None = field(
+        default=None,
+        metadata=_about(
+            "file to save every session's state to on shutdown and restore from on start "
+            "(unset: sessions end with the process)"
+        ),
+    )
+    snapshot_interval_s: float = field(
+        default=0.0,
+        metadata=_about(
+            "also save the snapshot this often while serving, bounding what a crash loses; "
+            "0 saves at shutdown only"
+        ),
+    )
+    tls_cert: Path | None = field(
+        default=None, metadata=_about("PEM certificate chain: serve TLS, not plaintext (with --tls-key)")
+    )
+    tls_key: Path | None = field(default=None, metadata=_about("PEM private key of --tls-cert"))
+    tls_client_ca: Path | None = field(
+        default=None,
+        metadata=_about("PEM CA certificates: require client certificates signed by them (mutual TLS)"),
+    )
+    auth_tokens_file: Path | None = field(
+        default=None,
+        metadata=_about(
+            "file of bearer tokens, one per line as TOKEN or NAME:TOKEN ('#' comments); "
+            "with tokens, every call but health needs 'authorization: Bearer TOKEN'"
+        ),
+    )
+    auth_tokens: str = field(
+        default="",
+        repr=False,
+        metadata=_about("bearer tokens, comma-separated TOKEN or NAME:TOKEN (environment only)", secret=True),
+    )
+    max_sessions_per_token: int = field(
+        default=0,
+        metadata=_about("most open sessions one token (one NAME) may hold; 0: no limit but --max-sessions"),
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -126,6 +209,7 @@ class ServerSettings:
             "inter_op_threads",
             "max_batch_size",
             "prompt_piece_tokens",
+            "max_queue_steps",
             "max_sessions",
             "max_message_bytes",
             "max_tokens_per_request",
@@ -135,16 +219,35 @@ class ServerSettings:
         for name in positive_ints:
             if getattr(self, name) < 1:
                 problems.append(f"{_flag(name)} must be at least 1, got {getattr(self, name)}")
-        for name in ("max_queue_delay_ms", "stream_end_linger_s", "grace_period_s"):
+        non_negative = (
+            "max_queue_delay_ms",
+            "stream_end_linger_s",
+            "grace_period_s",
+            "reload_interval_s",
+            "snapshot_interval_s",
+        )
+        for name in non_negative:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 problems.append(f"{_flag(name)} must be a finite number >= 0, got {value}")
         if not math.isfinite(self.session_idle_timeout_s) or self.session_idle_timeout_s <= 0:
             problems.append(f"--session-idle-timeout-s must be > 0, got {self.session_idle_timeout_s}")
-        if self.gone_session_memory < 0:
-            problems.append(f"--gone-session-memory must be >= 0, got {self.gone_session_memory}")
-        if not 0 <= self.port <= 65535:
-            problems.append(f"--port must be in 0..65535, got {self.port}")
+        for name in ("gone_session_memory", "max_sessions_per_token"):
+            if getattr(self, name) < 0:
+                problems.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
+        for name in ("port", "metrics_port", "health_port"):
+            if not 0 <= getattr(self, name) <= 65535:
+                problems.append(f"{_flag(name)} must be in 0..65535, got {getattr(self, name)}")
+        if self.health_port and self.health_port == self.port:
+            problems.append(f"--health-port must differ from --port, both are {self.port}")
+        if self.metrics_port and self.metrics_port in (self.port, self.health_port):
+            problems.append(f"--metrics-port {self.metrics_port} is already the gRPC or health port")
+        if (self.tls_cert is None) != (self.tls_key is None):
+            problems.append("--tls-cert and --tls-key go together: give both or neither")
+        if self.tls_client_ca is not None and self.tls_cert is None:
+            problems.append("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        if self.snapshot_interval_s > 0 and self.state_snapshot is None:
+            problems.append("--snapshot-interval-s needs --state-snapshot (the file to save to)")
         for spec in fields(self):
             choices = spec.metadata.get("choices")
             if choices and getattr(self, spec.name) not in choices:
@@ -166,8 +269,31 @@ class ServerSettings:
 
     @property
     def address(self) -> str:
-        host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"{host}:{self.port}"
+        return join_host_port(self.host, self.port)
+
+    @property
+    def health_address(self) -> str:
+        return join_host_port(self.host, self.health_port)
+
+    @property
+    def metrics_bind_host(self) -> str:
+        """Where /metrics listens: --metrics-host, else --host."""
+        return self.metrics_host or self.host
+
+    @property
+    def tls(self) -> bool:
+        return self.tls_cert is not None
+
+    @property
+    def auth(self) -> bool:
+        """Whether bearer tokens are configured (a file or the variable)."""
+        return self.auth_tokens_file is not None or bool(self.auth_tokens.strip())
+
+
+def join_host_port(host: str, port: int) -> str:
+    """HOST:PORT, with an IPv6 host in brackets."""
+    shown = f"[{host}]" if ":" in host else host
+    return f"{shown}:{port}"
 
 
 def _flag(name: str) -> str:
@@ -199,13 +325,63 @@ def _parse_pins(text: str) -> tuple[tuple[str, int], ...]:
     return tuple(_parse_pin(part) for part in text.split(",") if part.strip())
 
 
+def _optional_path(text: str) -> Path | None:
+    """An optional file: the empty string (e.g. RNNSERVE_STATE_SNAPSHOT=) means unset."""
+    return Path(text) if text.strip() else None
+
+
 def _converter(kind: Any) -> Any:
     """How a flag or variable's text becomes the field's type."""
     if kind is bool:
         return _parse_bool
     if kind is Path:
         return Path
+    if kind == Path | None:
+        return _optional_path
     return kind
+
+
+def _is_secret(spec: Field[Any]) -> bool:
+    return bool(spec.metadata.get("secret"))
+
+
+def _default_text(spec: Field[Any]) -> str:
+    """A field's default as an operator would write it."""
+    if spec.default is MISSING or spec.default is None:
+        return "unset"
+    if spec.default in ("", ()):
+        return "empty"
+    if isinstance(spec.default, bool):
+        return "true" if spec.default else "false"
+    return str(spec.default)
+
+
+def config_table() -> str:
+    """Every setting as a Markdown table: flag, environment variable, default, meaning.
+
+    Generated from ServerSettings, so the README's table stays true (`rnnserve serve
+    --print-config-table`).
+    """
+    rows = ["| flag | environment variable | default | meaning |", "|---|---|---|---|"]
+    for spec in fields(ServerSettings):
+        flag = "(none: secret)" if _is_secret(spec) else f"`{_flag(spec.name)}`"
+        meaning = spec.metadata["help"]
+        choices = spec.metadata.get("choices")
+        if choices:
+            meaning += f"; one of {', '.join(choices)}"
+        rows.append(f"| {flag} | `{env_name(spec.name)}` | {_default_text(spec)} | {meaning} |")
+    return "\n".join(rows) + "\n"
+
+
+class _PrintConfigTable(argparse.Action):
+    """--print-config-table: print the settings table and exit, like --help."""
+
+    def __init__(self, option_strings: Sequence[str], dest: str, **kwargs: Any) -> None:
+        super().__init__(option_strings, dest, nargs=0, default=argparse.SUPPRESS, **kwargs)
+
+    def __call__(self, parser: argparse.ArgumentParser, *args: Any, **kwargs: Any) -> None:
+        print(config_table(), end="")
+        parser.exit()
 
 
 def _flag_type(convert: Any) -> Any:
@@ -224,10 +400,16 @@ def _flag_type(convert: Any) -> Any:
 def add_arguments(parser: argparse.ArgumentParser) -> None:
     """Add one flag per settings field; defaults shown are the built-in ones."""
     hints = typing.get_type_hints(ServerSettings)
+    parser.add_argument(
+        "--print-config-table",
+        action=_PrintConfigTable,
+        help="print every setting (flag, variable, default, meaning) as a Markdown table and exit",
+    )
     for spec in fields(ServerSettings):
+        if _is_secret(spec):
+            continue
         kind = hints[spec.name]
         help_text = f"{spec.metadata['help']} (env {env_name(spec.name)})"
-        default = spec.default if spec.default is not MISSING else None
         if spec.name == "pin":
             parser.add_argument(
                 _flag(spec.name),
@@ -242,7 +424,7 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 _flag(spec.name),
                 action=argparse.BooleanOptionalAction,
                 default=None,
-                help=f"{help_text} (default: {default})",
+                help=f"{help_text} (default: {_default_text(spec)})",
             )
         else:
             parser.add_argument(
@@ -250,8 +432,18 @@ def add_arguments(parser: argparse.ArgumentParser) -> None:
                 type=_converter(kind),
                 default=None,
                 choices=spec.metadata.get("choices"),
-                help=f"{help_text} (default: {default})",
+                help=f"{help_text} (default: {_default_text(spec)})",
             )
+
+
+def secret_settings_help() -> str:
+    """The settings given by environment variable only, for --help's epilog."""
+    lines = [
+        f"{env_name(spec.name)}: {spec.metadata['help']}"
+        for spec in fields(ServerSettings)
+        if _is_secret(spec)
+    ]
+    return "environment only: " + "; ".join(lines)
 
 
 def settings_from(args: argparse.Namespace, environ: Mapping[str, str] | None = None) -> ServerSettings:
@@ -279,7 +471,13 @@ def parse_settings(
     argv: Sequence[str], environ: Mapping[str, str] | None = None, prog: str = "rnnserve serve"
 ) -> ServerSettings:
     """Parse `rnnserve serve` flags; argparse exits with usage on a malformed flag."""
-    parser = argparse.ArgumentParser(prog=prog, description="Serve a model repository over gRPC.")
+    parser = argparse.ArgumentParser(
+        prog=prog,
+        description="Serve a model repository over gRPC.",
+        epilog=secret_settings_help(),
+        # No abbreviations: `--auth-tokens SECRET` must fail, not become --auth-tokens-file SECRET.
+        allow_abbrev=False,
+    )
     add_arguments(parser)
     try:
         return settings_from(parser.parse_args(list(argv)), environ)

@@ -68,3 +68,50 @@ def test_bad_values_are_refused_with_the_setting_named(
 def test_settings_validate_when_built_directly() -> None:
     with pytest.raises(SettingsError, match=r"--port must be in 0\.\.65535"):
         ServerSettings(port=70000)
+
+
+@pytest.mark.parametrize(
+    ("changes", "message"),
+    [
+        ({"tls_key": Path("k.pem")}, "--tls-cert and --tls-key go together"),
+        ({"tls_client_ca": Path("ca.pem")}, "--tls-client-ca needs --tls-cert"),
+        ({"snapshot_interval_s": 5.0}, "--snapshot-interval-s needs --state-snapshot"),
+        ({"health_port": 50051}, "--health-port must differ from --port"),
+        ({"metrics_port": 50051}, "--metrics-port 50051 is already the gRPC or health port"),
+        ({"reload_interval_s": -1.0}, "--reload-interval-s must be a finite number >= 0"),
+        ({"max_sessions_per_token": -1}, "--max-sessions-per-token must be >= 0"),
+    ],
+)
+def test_operations_settings_are_checked(changes: dict[str, object], message: str) -> None:
+    with pytest.raises(SettingsError, match=message):
+        ServerSettings(**changes)  # type: ignore[arg-type]
+
+
+def test_secret_settings_come_from_the_environment_only(capsys: pytest.CaptureFixture[str]) -> None:
+    """A flag's value shows in the process list, so bearer tokens have a variable and no flag."""
+    settings = parse_settings([], environ={"RNNSERVE_AUTH_TOKENS": "ci:0123456789abcdef0123"})
+    assert settings.auth and settings.auth_tokens == "ci:0123456789abcdef0123"
+    assert "0123456789abcdef" not in repr(settings)
+    with pytest.raises(SystemExit):
+        parse_settings(["--auth-tokens", "x"], environ={})
+    assert "unrecognized arguments: --auth-tokens" in capsys.readouterr().err
+
+
+def test_optional_files_from_the_environment() -> None:
+    assert parse_settings([], environ={"RNNSERVE_STATE_SNAPSHOT": "/state/s"}).state_snapshot == Path(
+        "/state/s"
+    )
+    assert parse_settings([], environ={"RNNSERVE_STATE_SNAPSHOT": ""}).state_snapshot is None
+    flagged = parse_settings(["--tls-cert", "c.pem", "--tls-key", "k.pem"], environ={})
+    assert flagged.tls and flagged.tls_cert == Path("c.pem")
+
+
+def test_the_config_table_lists_every_setting(capsys: pytest.CaptureFixture[str]) -> None:
+    with pytest.raises(SystemExit) as exited:
+        parse_settings(["--print-config-table"], environ={})
+    assert exited.value.code == 0
+    table = capsys.readouterr().out
+    rows = [line for line in table.splitlines() if line.startswith("| ") and "`RNNSERVE_" in line]
+    assert len(rows) == len(ServerSettings.__dataclass_fields__)
+    assert "| `--metrics-port` | `RNNSERVE_METRICS_PORT` | 9400 |" in table
+    assert "| (none: secret) | `RNNSERVE_AUTH_TOKENS` | empty |" in table
