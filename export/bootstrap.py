@@ -37,17 +37,25 @@ def ensure_model(name: str, arch: str, repository: Path, checkpoints: Path, pres
     # Imported here: the training and export entry points pull in torch, which a repository
     # that already has its models never needs.
     from export.cli import main as export_main
-    from models.checkpoint import CHECKPOINT_FILE, WEIGHTS_FILE
+    from models.checkpoint import CheckpointError, read_checkpoint_json
     from models.train import main as train_main
 
     checkpoint = checkpoints / name
-    if (checkpoint / CHECKPOINT_FILE).is_file() and (checkpoint / WEIGHTS_FILE).is_file():
+    train_args = ["--arch", arch, "--preset", preset, "--out", str(checkpoint), "--device", device]
+    try:
+        complete = bool(read_checkpoint_json(checkpoint).get("training", {}).get("complete"))
+        partial = True
+    except CheckpointError:
+        complete = partial = False
+    if complete:
         print(f"[bootstrap] {name}: using the trained checkpoint in {checkpoint}", flush=True)
     else:
-        print(f"[bootstrap] {name}: training the {preset!r} {arch} preset into {checkpoint}", flush=True)
+        # Training writes its checkpoint at the first validation, so an interrupted run leaves
+        # a partial one: resume it rather than export a half-trained model.
+        verb = "resuming" if partial else "training"
+        print(f"[bootstrap] {name}: {verb} the {preset!r} {arch} preset in {checkpoint}", flush=True)
         started = time.monotonic()
-        train_args = ["--arch", arch, "--preset", preset, "--out", str(checkpoint), "--device", device]
-        status = train_main(train_args)
+        status = train_main([*train_args, "--resume"] if partial else train_args)
         if status != 0:
             raise SystemExit(f"[bootstrap] training {name} failed (exit status {status})")
         print(f"[bootstrap] {name}: trained in {time.monotonic() - started:.0f} s", flush=True)
