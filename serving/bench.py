@@ -11,6 +11,8 @@ On the same models, one run measures (each a scenario, selectable with --scenari
   generate   the server: 64 concurrent Generate calls
   unbatched  the server with batching disabled (max_batch_size=1), as `stream`
   sessions   the server's resident memory growth with 100,000 idle sessions
+  scale      (only when named) one server against three replicas behind nginx, and the cost
+             of saving session state to Redis every step against every 16 steps
 
 then prints Markdown tables and the issue's targets (met or missed, with ratios) and writes
 bench/results/bench-<timestamp>.{json,md,png} and latest.*.
@@ -43,7 +45,7 @@ from serving import bench_load
 from serving.bench_model import BenchModel, BenchModelError, ModelSizes, copy_model, write_synthetic_model
 from serving.bench_procs import ServerProcessError
 from serving.bench_report import compute_targets, format_report, write_outputs
-from serving.bench_scenarios import SCENARIOS, Bench, BenchConfig
+from serving.bench_scenarios import DEFAULT_SCENARIOS, SCENARIOS, Bench, BenchConfig
 from serving.bench_server import ServerOptionError
 from serving.engine import EngineError
 
@@ -243,7 +245,7 @@ def build_parser() -> argparse.ArgumentParser:
     run.add_argument(
         "--scenarios",
         type=_scenario_list,
-        default=",".join(SCENARIOS),
+        default=",".join(DEFAULT_SCENARIOS),
         help="comma-separated subset of the scenarios below",
     )
     run.add_argument(

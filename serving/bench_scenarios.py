@@ -4,18 +4,24 @@ A scenario is an async function of the run (`Bench`: its config, models, model r
 servers) returning its section of the results, {label: figures}. Figures holding a "sweep" (a
 list of LoadPoint dicts) or a "point" are tabulated and plotted by serving.bench_report without
 further code. Scenarios run in the order of SCENARIOS, which lets consecutive ones share a
-server: `bench.server(**settings)` reuses the running server when the settings match.
+server: `bench.server(**settings)` reuses the running server when the settings match. A
+scenario that needs more than this package (`scale`: nginx and redis-server) is left out of the
+default run and runs when asked for by name.
 """
 
 from __future__ import annotations
 
+import contextlib
 import time
-from collections.abc import Awaitable, Callable
+from collections.abc import Awaitable, Callable, Iterator, Mapping
 from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import redis
+
 from serving import bench_load
+from serving.bench_cluster import NginxProcess, RedisProcess, ReplicaProcess, start_all, stop_all
 from serving.bench_echo import echo_process_main
 from serving.bench_engine import EngineSettings, measure_engine, quantize_int8
 from serving.bench_model import BenchModel, ModelSizes, read_model, resolve_spec
@@ -59,6 +65,7 @@ class Scenario:
     name: str
     summary: str
     run: Callable[[Bench], Awaitable[dict[str, Any]]]
+    by_default: bool = True  # part of a run without --scenarios
 
 
 class Bench:
@@ -125,7 +132,11 @@ def _log_point(scenario: str, label: str, point: dict[str, Any]) -> None:
     )
 
 
-async def _sweep(bench: Bench, scenario: str, address: str, model: str, vocab_size: int) -> dict[str, Any]:
+async def _sweep(
+    bench: Bench, scenario: str, address: str, model: str, vocab_size: int, label: str | None = None
+) -> dict[str, Any]:
+    """A stream_load point (one token per message) at each --streams concurrency; `label` names
+    the figures in the progress lines (default: the model)."""
     config = bench.config
     points = []
     async with bench_load.open_channel(address) as channel:
@@ -135,7 +146,7 @@ async def _sweep(bench: Bench, scenario: str, address: str, model: str, vocab_si
                 warmup_s=config.warmup_s, duration_s=config.duration_s, seed=config.seed,
             )  # fmt: skip
             points.append(point.to_dict())
-            _log_point(scenario, model, points[-1])
+            _log_point(scenario, label or model, points[-1])
     return {"sweep": points}
 
 
@@ -295,6 +306,92 @@ def _rss(server: ServerProcess) -> int:
     return rss
 
 
+SCALE_REPLICAS = 3
+SCALE_SAVE_EVERY = 16  # the "every K steps" save policy of `scale`
+
+
+async def run_scale(bench: Bench) -> dict[str, Any]:
+    """One server against three replicas behind nginx, and the cost of saving state to Redis.
+
+    Every server is `rnnserve serve` in a subprocess, as deployed, with the run's --server-option
+    settings, serving the run's first model. Streams through nginx carry no session id, so nginx
+    spreads them over the replicas at random (deploy/nginx/nginx.conf). The save points are one
+    server with Redis saving each session's state after every step (each answer waits for its
+    save), then every SCALE_SAVE_EVERY steps (in the background); `redis_sets` counts the writes
+    Redis took during the point.
+    """
+    bench.stop_server()  # every core for the processes of this scenario
+    config = bench.config
+    model = bench.models[0]
+    work_dir = bench.work_dir / "scale"
+    flags = {name.replace("_", "-"): value for name, value in config.server_options}
+    if not config.server_logs:
+        flags.setdefault("log-level", "WARNING")
+    flags.setdefault("device", config.device)
+
+    async def sweep(label: str, address: str, note: str, redis_url: str | None = None) -> dict[str, Any]:
+        sets_before = _redis_sets(redis_url)
+        figures = await _sweep(bench, "scale", address, model.name, model.vocab_size, label)
+        figures["note"] = note
+        if redis_url is not None:
+            figures["redis_sets"] = _redis_sets(redis_url) - sets_before
+        return {label: figures}
+
+    def replicas(count: int, extra: Mapping[str, str]) -> list[ReplicaProcess]:
+        made = [
+            ReplicaProcess(bench.repository, work_dir / "replicas", index, {**flags, **extra})
+            for index in range(count)
+        ]
+        start_all(made)
+        for replica in made:
+            print(
+                f"[bench] replica {replica.index} serving on {replica.address} (pid {replica.pid})",
+                flush=True,
+            )
+        return made
+
+    section: dict[str, Any] = {}
+    with _running(replicas(1, {})) as (one,):
+        section |= await sweep("one-server", one.address, "one replica, no nginx, no Redis")
+        with NginxProcess(work_dir / "nginx-1", [one.port], access_log=False) as nginx:
+            section |= await sweep("one-server-nginx", nginx.address, "the same replica behind nginx")
+    with _running(replicas(SCALE_REPLICAS, {})) as three:
+        ports = [replica.port for replica in three]
+        with NginxProcess(work_dir / "nginx-3", ports, access_log=False) as nginx:
+            note = f"{SCALE_REPLICAS} replicas behind nginx, streams spread at random"
+            section |= await sweep(f"{SCALE_REPLICAS}-replicas-nginx", nginx.address, note)
+    with RedisProcess(work_dir / "redis") as store:
+        for every, label, note in (
+            ("1", "one-server-save-every-step", "one replica; each answer waits for its Redis save"),
+            (
+                str(SCALE_SAVE_EVERY),
+                f"one-server-save-every-{SCALE_SAVE_EVERY}",
+                f"one replica; saves every {SCALE_SAVE_EVERY} steps, in the background",
+            ),
+        ):
+            extra = {"redis-url": store.url, "state-save-every-steps": every, "state-save-every-s": "0"}
+            with _running(replicas(1, extra)) as (saving,):
+                section |= await sweep(label, saving.address, note, store.url)
+    return section
+
+
+@contextlib.contextmanager
+def _running(replicas: list[ReplicaProcess]) -> Iterator[list[ReplicaProcess]]:
+    try:
+        yield replicas
+    finally:
+        stop_all(replicas)
+
+
+def _redis_sets(url: str | None) -> int:
+    """SET commands Redis has executed since it started (0 without a URL)."""
+    if url is None:
+        return 0
+    with redis.Redis.from_url(url, socket_timeout=5.0) as client:
+        stats = client.info("commandstats")
+    return int(stats.get("cmdstat_set", {}).get("calls", 0))
+
+
 SCENARIOS = {
     scenario.name: scenario
     for scenario in (
@@ -309,5 +406,14 @@ SCENARIOS = {
         Scenario("generate", "server, --generations concurrent Generate calls", run_generate),
         Scenario("unbatched", "server with max_batch_size=1, as `stream`", run_unbatched),
         Scenario("sessions", "server resident memory with --sessions idle sessions", run_sessions),
+        Scenario(
+            "scale",
+            f"one server against {SCALE_REPLICAS} replicas behind nginx, and Redis state saves every "
+            f"step vs every {SCALE_SAVE_EVERY} steps (needs nginx and redis-server; only when named)",
+            run_scale,
+            by_default=False,
+        ),
     )
 }
+# What a run without --scenarios measures.
+DEFAULT_SCENARIOS = tuple(name for name, scenario in SCENARIOS.items() if scenario.by_default)

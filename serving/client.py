@@ -13,6 +13,13 @@ grpc.aio.AioRpcError; `error.code()` is the status (see ARCHITECTURE.md) and `er
 the server's message. It is built on grpc.aio because the synchronous API caps a client at a few
 thousand messages per second.
 
+Behind a load balancer (nginx hashing `x-session-id`, deploy/nginx/nginx.conf) every call of a
+session must reach the replica that holds it: the client sends the session id as `x-session-id`
+metadata on every call that names a session (Step, CloseSession, a Generate continuing one, a
+Stream resuming one), and proposes the id of each session it opens (serving.affinity), so that
+the opening call is routed like the ones that follow. Pass `propose_session_ids=False` to let
+the server choose ids instead.
+
 A secured server (TLS, bearer tokens) is reached with a Connection:
 
     connection = Connection(tls_ca=Path("ca.pem"), token=os.environ["RNNSERVE_TOKEN"])
@@ -35,6 +42,7 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
+from serving.affinity import SESSION_ID_KEY, new_session_id, routable
 from serving.tokenizer import Tokenizer, tokenizer_from_json
 
 Metadata = Sequence[tuple[str, str]]
@@ -249,6 +257,7 @@ class RnnserveClient:
         channel: grpc.aio.Channel | None = None,
         connection: Connection | None = None,
         options: ChannelOptions = (),
+        propose_session_ids: bool = True,
     ) -> None:
         if connection is not None:
             credentials = connection.credentials() or credentials
@@ -263,6 +272,7 @@ class RnnserveClient:
         self.target = target
         self.channel = channel
         self.metadata = tuple(metadata)
+        self.propose_session_ids = propose_session_ids
         self.timeout = timeout  # default deadline of unary calls, in seconds
         self.stub = inference_pb2_grpc.InferenceStub(channel)
 
@@ -298,10 +308,21 @@ class RnnserveClient:
 
     # ----- sessions ----------------------------------------------------------------------------
 
+    def session_metadata(self, session_id: str) -> Metadata:
+        """The client's metadata plus `x-session-id` (what a load balancer routes a session by),
+        unless the id cannot be a session's (the server then answers NOT_FOUND wherever it lands)."""
+        if not routable(session_id):
+            return self.metadata
+        return (*self.metadata, (SESSION_ID_KEY, session_id))
+
+    def _opening_metadata(self) -> Metadata:
+        """Metadata for a call that opens a session: with a proposed id, unless turned off."""
+        return self.session_metadata(new_session_id()) if self.propose_session_ids else self.metadata
+
     async def create_session(self, model: str, version: int = 0) -> pb.CreateSessionResponse:
         return await self.stub.CreateSession(
             pb.CreateSessionRequest(model=model, version=version),
-            metadata=self.metadata,
+            metadata=self._opening_metadata(),
             timeout=self.timeout,
         )
 
@@ -319,11 +340,13 @@ class RnnserveClient:
             tokens=list(tokens),
             options=prediction_options(top_k, return_logits, sampling),
         )
-        return await self.stub.Step(request, metadata=self.metadata, timeout=self.timeout)
+        return await self.stub.Step(request, metadata=self.session_metadata(session_id), timeout=self.timeout)
 
     async def close_session(self, session_id: str) -> None:
         await self.stub.CloseSession(
-            pb.CloseSessionRequest(session_id=session_id), metadata=self.metadata, timeout=self.timeout
+            pb.CloseSessionRequest(session_id=session_id),
+            metadata=self.session_metadata(session_id),
+            timeout=self.timeout,
         )
 
     def stream(
@@ -337,13 +360,19 @@ class RnnserveClient:
         sampling: Sampling | None = None,
         timeout: float | None = None,
     ) -> StreamSession:
-        """A Stream that opens a session on `model`, or resumes `session_id`."""
+        """A Stream that opens a session on `model`, or resumes `session_id`.
+
+        The session id travels as metadata when the call starts (a load balancer routes the
+        whole stream by it): the resumed session's, or the id proposed for the new one.
+        """
         options = prediction_options(top_k, return_logits, sampling)
         if session_id:
             first = pb.StreamRequest(resume=pb.ResumeSession(session_id=session_id, options=options))
+            metadata = self.session_metadata(session_id)
         else:
             first = pb.StreamRequest(open=pb.OpenSession(model=model, version=version, options=options))
-        return StreamSession(self.stub, first, self.metadata, timeout)
+            metadata = self._opening_metadata()
+        return StreamSession(self.stub, first, metadata, timeout)
 
     # ----- generation --------------------------------------------------------------------------
 
@@ -374,7 +403,13 @@ class RnnserveClient:
         )
         if sampling is not None:
             request.sampling.CopyFrom(sampling.to_proto())
-        call = self.stub.Generate(request, metadata=self.metadata, timeout=timeout)
+        if session_id:
+            metadata = self.session_metadata(session_id)
+        elif keep_session:
+            metadata = self._opening_metadata()
+        else:
+            metadata = self.metadata  # a session of its own, ended with the call: no affinity
+        call = self.stub.Generate(request, metadata=metadata, timeout=timeout)
         try:
             async for response in call:
                 yield response

@@ -210,6 +210,7 @@ class Engine(ABC):
         self.providers: list[str] = session.get_providers()
         self.state_inputs = sig.state_input_names(manifest.arch)
         self.state_outputs = sig.state_output_names(manifest.arch)
+        self.output_names = [logits_name, *self.state_outputs]  # what a host step asks for
 
     @abstractmethod
     def step(self, slots: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
@@ -256,7 +257,7 @@ class HostEngine(Engine):
     def step(self, slots: np.ndarray, tokens: np.ndarray, lengths: np.ndarray) -> np.ndarray:
         feeds = {sig.TOKENS: tokens, sig.LENGTHS: lengths}
         feeds.update(zip(self.state_inputs, self.pool.gather(slots), strict=True))
-        outputs = self.session.run([self.logits_name, *self.state_outputs], feeds)
+        outputs = self.session.run(self.output_names, feeds)
         logits = self._select_last(outputs[0], lengths)
         self.pool.scatter(slots, outputs[1:], logits)
         return logits

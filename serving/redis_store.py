@@ -163,9 +163,13 @@ class RedisStateStore:
             timeout=options.operation_timeout_s,
             socket_timeout=options.socket_timeout_s,
             socket_connect_timeout=options.connect_timeout_s,
-            # No retries inside a call: a retry would multiply the time a failing call takes,
-            # and the circuit below already retries Redis once per retry_after_s.
-            retry=Retry(NoBackoff(), 0),
+            # One retry, on a broken connection only: a pooled connection whose Redis restarted
+            # fails its next command ("Connection closed by server") before Redis sees it, and
+            # the retry on a new connection succeeds. No retry after a timeout: it would
+            # multiply the time a failing call takes (the circuit below retries Redis once per
+            # retry_after_s), and the timed-out command may have run (a SET NX would then
+            # report its own write as another session's).
+            retry=Retry(NoBackoff(), 1, supported_errors=(RedisConnectionError,)),
             client_name="rnnserve",
         )
         self._client = aioredis.Redis.from_pool(pool)  # the client owns and closes the pool
@@ -186,11 +190,17 @@ class RedisStateStore:
     def key(self, session_id: str) -> str:
         return f"{self.options.namespace}:session:{session_id}"
 
-    async def save(self, record: SessionRecord, ttl_s: float) -> None:
-        """Store the record under its session id, replacing any older one; it expires after ttl_s."""
+    async def save(self, record: SessionRecord, ttl_s: float, *, if_absent: bool = False) -> bool:
+        """Store the record under its session id, replacing any older one; it expires after ttl_s.
+
+        With `if_absent`, store it only when the id has no record yet (a new session claiming
+        its id): False when one exists, and nothing is written. True when stored.
+        """
         value = encode_record(record)
         ttl = _ttl_ms(ttl_s)
-        await self._call("save", lambda: self._client.set(self.key(record.session_id), value, px=ttl))
+        key = self.key(record.session_id)
+        stored = await self._call("save", lambda: self._client.set(key, value, px=ttl, nx=if_absent))
+        return bool(stored)
 
     async def save_many(self, records: Iterable[SessionRecord], ttl_s: float) -> int:
         """Store many records in pipelines of `save_many_chunk` (drain, shutdown); returns how many.

@@ -8,6 +8,9 @@ Seams for operations (used by later features, kept here so they stay in one plac
 - `draining`: when True, new sessions are refused with UNAVAILABLE; open ones keep working.
 - `sessions`: iterate open sessions (snapshots, metrics); `registry`: add/retire versions
   (hot reload); `owner` arguments: the authenticated identity (auth), checked on every lookup.
+- `recovery` (with --redis-url): opening a session claims its id in Redis, requests save the
+  session's state as the save policy says, and a lookup of a session this replica does not hold
+  restores it from Redis (serving.recovery).
 """
 
 from __future__ import annotations
@@ -19,7 +22,13 @@ from dataclasses import dataclass
 
 import numpy as np
 
-from serving.errors import InvalidArgumentError, ResourceExhaustedError, UnavailableError
+from serving.errors import (
+    InvalidArgumentError,
+    ResourceExhaustedError,
+    SessionNotFoundError,
+    UnavailableError,
+)
+from serving.recovery import SessionRecovery
 from serving.registry import LoadedModel, ModelRegistry
 from serving.sampling import Sampler, SamplingParams
 from serving.scheduler import (
@@ -64,6 +73,7 @@ class GenerateParams:
     sampling: SamplingFields = SamplingFields()
     stop_tokens: Sequence[int] = ()
     keep_session: bool = False
+    new_session_id: str | None = None  # the id a kept new session takes (see serving.affinity)
 
 
 @dataclass(frozen=True)
@@ -114,6 +124,8 @@ class Runtime:
             self.observer,
         )
         self.draining = False
+        # With --redis-url: sessions are saved to and restored from Redis (serving.recovery).
+        self.recovery: SessionRecovery | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:
@@ -205,19 +217,43 @@ class Runtime:
 
     # ----- sessions ---------------------------------------------------------------------------
 
-    def open_session(self, model_name: str, version: int = 0, owner: str | None = None) -> Session:
+    async def open_session(
+        self, model_name: str, version: int = 0, owner: str | None = None, session_id: str | None = None
+    ) -> Session:
+        """Open a session; `session_id` is an id the client proposed (serving.affinity)."""
+        session = self._open_here(model_name, version, owner, session_id)
+        if self.recovery is not None:
+            await self.recovery.opened(session)
+        return session
+
+    def _open_here(
+        self, model_name: str, version: int, owner: str | None, session_id: str | None = None
+    ) -> Session:
         if self.draining:
             raise UnavailableError(
                 "the server is shutting down and takes no new sessions; retry on another replica"
             )
         if not model_name:
             raise InvalidArgumentError("a model name is needed to open a session (see ListModels)")
-        return self.sessions.create(self.registry.resolve(model_name, version), owner)
+        model = self.registry.resolve(model_name, version)
+        try:
+            return self.sessions.create(model, owner, session_id)
+        except ValueError:
+            raise InvalidArgumentError(
+                f"session id {session_id} is already open; propose a fresh id or let the server choose one"
+            ) from None
 
-    def find_session(self, session_id: str, owner: str | None = None) -> Session:
+    async def find_session(self, session_id: str, owner: str | None = None) -> Session:
+        """The open session with this id and owner; with Redis, one this replica does not hold
+        is restored from there. Raises SessionNotFoundError saying why there is none."""
         if not session_id:
             raise InvalidArgumentError("session_id is empty")
-        return self.sessions.get(session_id, owner)
+        try:
+            return self.sessions.get(session_id, owner)
+        except SessionNotFoundError as missing:
+            if self.recovery is None:
+                raise
+            return await self.recovery.restore(session_id, owner, missing)
 
     async def step(
         self, session: Session, tokens: np.ndarray, request: PredictionRequest
@@ -247,7 +283,16 @@ class Runtime:
             # has not run, rolled back if it ran some of its pieces.
             work.cancel()
             raise
+        await self._saved(session)
         return result, start_position + result.consumed
+
+    async def _saved(self, session: Session) -> None:
+        """After a request changed the session: its save, when the policy wants the answer to
+        wait for it (Redis, every step); other saves due run in the background."""
+        if self.recovery is not None:
+            save = self.recovery.stepped(session)
+            if save is not None:
+                await asyncio.shield(save)  # saved even if the caller goes away meanwhile
 
     def _step_finished(
         self, session: Session, request: PredictionRequest, tokens: np.ndarray, error: BaseException | None
@@ -265,12 +310,15 @@ class Runtime:
             session.position = 0
         finally:
             self.sessions.release(session)
+        await self._saved(session)
 
     async def close(self, session: Session) -> None:
         """Close after any request in flight on the session has finished."""
         await self.sessions.acquire(session)
         self.sessions.release(session)
         self.sessions.close(session)
+        if self.recovery is not None:
+            await self.recovery.flushed(session.id)  # its record is deleted before the answer
 
     # ----- generation ---------------------------------------------------------------------------
 
@@ -287,7 +335,7 @@ class Runtime:
             raise InvalidArgumentError("give the prompt as prompt_tokens or prompt_text, not both")
         session: Session | None = None
         if params.session_id:
-            session = self.find_session(params.session_id, owner)
+            session = await self.find_session(params.session_id, owner)
             model = session.model
             if params.model and params.model != model.name:
                 raise InvalidArgumentError(
@@ -328,7 +376,9 @@ class Runtime:
         ephemeral = session is None and not params.keep_session
         opened = session is None
         if session is None:
-            session = self.open_session(model.name, model.version, owner)
+            session = self._open_here(model.name, model.version, owner, params.new_session_id)
+            if self.recovery is not None and not ephemeral:
+                await self.recovery.opened(session)
         await self.sessions.acquire(session)  # immediate for a new session
         held = session
         channel = TokenChannel(self.settings.generate_buffer_tokens)
@@ -401,3 +451,5 @@ class Runtime:
         self.sessions.release(session)
         if ephemeral and not session.closed:
             self.sessions.close(session)
+        elif error is None and self.recovery is not None:
+            self.recovery.stepped(session)  # in the background: the answer has gone

@@ -11,7 +11,11 @@ Graceful shutdown (`RnnserveServer.stop(grace)`), in order:
 3. Freeze the sessions: steps in flight finish; any later request is refused with UNAVAILABLE
    before it changes a session, then the gRPC server stops (calls still open get STOP_SETTLE_S
    to write their last answers, then are cancelled).
-4. With --state-snapshot, save every session (exactly the answered steps), then stop the models.
+4. With --state-snapshot, save every session (exactly the answered steps); with --redis-url,
+   save every session to Redis, where the other replicas find them; then stop the models.
+
+With --redis-url, sessions are also saved while serving and restored on a miss by any replica
+sharing the Redis (serving.recovery); the server creates that store on its event loop.
 
 Health: the overall service ("") and rnnserve.v1.Inference are SERVING while the server is not
 draining and serves at least one model; each model name is SERVING while one of its versions
@@ -44,6 +48,7 @@ from serving.engine import EngineError, resolve_providers
 from serving.logs import CallTracker, configure_logging
 from serving.metrics import MetricsBindError, MetricsObserver, MetricsServer, start_metrics_server
 from serving.observers import ServerObserver
+from serving.recovery import recovery_for
 from serving.registry import ModelRegistry, load_repository
 from serving.reload import RepositoryWatcher
 from serving.repository import RepositoryError
@@ -125,6 +130,9 @@ class RnnserveServer:
         if self.snapshots is not None:
             self.snapshots.prepare()
             await self.snapshots.restore()
+        recovery = self.runtime.recovery
+        if recovery is not None:
+            await recovery.start()
         await self.grpc_server.start()
         if self.health_server is not None:
             await self.health_server.start()
@@ -163,7 +171,12 @@ class RnnserveServer:
         await self._wait_quiet()
         if self.snapshots is not None:
             self.snapshot_saved = await self.snapshots.save() is not None
+        recovery = self.runtime.recovery
+        if recovery is not None:
+            await recovery.save_all()  # the sessions resume on the other replicas
         await self.runtime.stop()
+        if recovery is not None:
+            await recovery.close()
         if self.health_server is not None:
             await self.health_server.stop(0)
         if self.metrics_endpoint is not None:
@@ -227,6 +240,7 @@ async def create_server(
     if registry is None:
         registry = load_repository(settings, observer)
     runtime = Runtime(settings, registry)
+    runtime.recovery = recovery_for(settings, runtime.sessions, runtime.observer)
     calls = CallTracker(settings.log_requests)
     grpc_server = grpc.aio.server(options=server_options(settings), interceptors=[calls, *interceptors])
     add_inference_servicer(InferenceServicer(runtime, identity), grpc_server)

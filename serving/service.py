@@ -23,6 +23,7 @@ from google.protobuf.message import DecodeError, Message
 
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
+from serving.affinity import check_affinity, proposed_session_id
 from serving.errors import (
     InvalidArgumentError,
     ServingError,
@@ -181,6 +182,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.StreamResponse]:
         runtime = self.runtime
         owner = self.identity(context)
+        metadata = context.invocation_metadata()  # x-session-id: the stream's session (affinity)
         session: Session | None = None
         options = PredictionRequest()
         ended = False
@@ -220,10 +222,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                             raise InvalidArgumentError("open needs a model name (see ListModels)")
                         model = runtime.registry.resolve(request.open.model, request.open.version)
                         options = self._options(model, request.open.options)  # validate before opening
-                        session = runtime.open_session(model.name, model.version, owner)
+                        proposed = proposed_session_id(metadata)
+                        session = await runtime.open_session(model.name, model.version, owner, proposed)
                         event = pb.STREAM_EVENT_OPENED
                     else:
-                        found = runtime.find_session(request.resume.session_id, owner)
+                        check_affinity(metadata, request.resume.session_id)
+                        found = await runtime.find_session(request.resume.session_id, owner)
                         options = self._options(found.model, request.resume.options)
                         session, event = found, pb.STREAM_EVENT_RESUMED
                     yield pb.StreamResponse(
@@ -289,6 +293,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> AsyncIterator[pb.GenerateResponse]:
         try:
             _check_parsed(request)
+            metadata = context.invocation_metadata()
+            if request.session_id:
+                check_affinity(metadata, request.session_id)
             params = GenerateParams(
                 model=request.model,
                 version=request.version,
@@ -299,6 +306,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 sampling=sampling_fields(request.sampling),
                 stop_tokens=request.stop_tokens,
                 keep_session=request.keep_session,
+                new_session_id=proposed_session_id(metadata) if request.keep_session else None,
             )
             generation = await self.runtime.generate(params, self.identity(context))
         except ServingError as error:
@@ -327,7 +335,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> pb.CreateSessionResponse:
         try:
             _check_parsed(request)
-            session = self.runtime.open_session(request.model, request.version, self.identity(context))
+            proposed = proposed_session_id(context.invocation_metadata())
+            session = await self.runtime.open_session(
+                request.model, request.version, self.identity(context), proposed
+            )
         except ServingError as error:
             await context.abort(status_code(error), str(error))
         return pb.CreateSessionResponse(
@@ -340,7 +351,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         runtime = self.runtime
         try:
             _check_parsed(request)
-            session = runtime.find_session(request.session_id, self.identity(context))
+            check_affinity(context.invocation_metadata(), request.session_id)
+            session = await runtime.find_session(request.session_id, self.identity(context))
             options = self._options(session.model, request.options)
             tokens = runtime.check_tokens(session.model, request.tokens, "a Step")
             result, position = await runtime.step(session, tokens, options)
@@ -360,7 +372,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     ) -> pb.CloseSessionResponse:
         try:
             _check_parsed(request)
-            await self.runtime.close(self.runtime.find_session(request.session_id, self.identity(context)))
+            check_affinity(context.invocation_metadata(), request.session_id)
+            session = await self.runtime.find_session(request.session_id, self.identity(context))
+            await self.runtime.close(session)
         except ServingError as error:
             await context.abort(status_code(error), str(error))
         return pb.CloseSessionResponse()

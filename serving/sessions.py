@@ -81,6 +81,9 @@ class SessionManager:
         self._gone: OrderedDict[str, str] = OrderedDict()  # id -> why it is gone
         self._owned: dict[str, int] = {}  # owner -> open sessions
         self.frozen = False
+        # Called as a session ends (closed, expired, evicted), before its slot is released, so
+        # its state rows can still be read (serving.recovery saves evicted sessions this way).
+        self.ending: Callable[[Session, str], None] | None = None
 
     def __len__(self) -> int:
         return len(self._sessions)
@@ -90,7 +93,8 @@ class SessionManager:
         return iter(list(self._sessions.values()))
 
     def create(self, model: LoadedModel, owner: str | None = None, session_id: str | None = None) -> Session:
-        """Open a session in the zero state on `model`. `session_id` is for restoring a snapshot.
+        """Open a session in the zero state on `model`. `session_id`: a restored session's id, or
+        an id the client proposed (serving.affinity); None makes a fresh one.
 
         Raises ResourceExhaustedError at the session limit when nothing can be evicted, and at the
         owner's limit; ValueError when `session_id` is already open.
@@ -254,6 +258,8 @@ class SessionManager:
                 self._owned[session.owner] = left
             else:
                 del self._owned[session.owner]
+        if self.ending is not None:
+            self.ending(session, reason)
         session.model.engine.release_slot(session.slot)
         self.registry.session_ended(session.model)
         self.observer.session_ended(session.model.name, session.model.version, reason)

@@ -26,6 +26,7 @@ DEVICES = ("auto", "cpu", "cuda")
 SESSION_OVERFLOW = ("evict", "refuse")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
+REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
 
 
 class SettingsError(ValueError):
@@ -201,6 +202,40 @@ class ServerSettings:
         default=0,
         metadata=_about("most open sessions one token (one NAME) may hold; 0: no limit but --max-sessions"),
     )
+    redis_url: str = field(
+        default="",
+        repr=False,  # may carry a password
+        metadata=_about(
+            "Redis that keeps session state for recovery by any replica, redis://[:PASSWORD@]HOST:PORT/DB "
+            "(rediss:// for TLS; a password in a flag shows in `ps`, prefer the variable); empty: "
+            "sessions live and die with this process"
+        ),
+    )
+    redis_namespace: str = field(
+        default="rnnserve",
+        metadata=_about("prefix of this deployment's Redis keys (NAMESPACE:session:ID); replicas share it"),
+    )
+    redis_timeout_s: float = field(
+        default=0.25,
+        metadata=_about(
+            "with --redis-url: longest wait for Redis to connect or answer one command before it "
+            "counts as unavailable (then state is not saved or recovered, and serving goes on)"
+        ),
+    )
+    state_save_every_steps: int = field(
+        default=0,
+        metadata=_about(
+            "with --redis-url: save a session's state after every N-th request on it; 1 answers each "
+            "request only after its save, so a replica's crash loses no answered step; 0: not by count"
+        ),
+    )
+    state_save_every_s: float = field(
+        default=5.0,
+        metadata=_about(
+            "with --redis-url: save a session's state once its oldest unsaved request is this many "
+            "seconds old, bounding what a crash loses; 0: not by time"
+        ),
+    )
 
     def __post_init__(self) -> None:
         problems = []
@@ -225,14 +260,17 @@ class ServerSettings:
             "grace_period_s",
             "reload_interval_s",
             "snapshot_interval_s",
+            "state_save_every_s",
         )
         for name in non_negative:
             value = getattr(self, name)
             if not math.isfinite(value) or value < 0:
                 problems.append(f"{_flag(name)} must be a finite number >= 0, got {value}")
+        if not math.isfinite(self.redis_timeout_s) or self.redis_timeout_s <= 0:
+            problems.append(f"--redis-timeout-s must be a finite number > 0, got {self.redis_timeout_s}")
         if not math.isfinite(self.session_idle_timeout_s) or self.session_idle_timeout_s <= 0:
             problems.append(f"--session-idle-timeout-s must be > 0, got {self.session_idle_timeout_s}")
-        for name in ("gone_session_memory", "max_sessions_per_token"):
+        for name in ("gone_session_memory", "max_sessions_per_token", "state_save_every_steps"):
             if getattr(self, name) < 0:
                 problems.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("port", "metrics_port", "health_port"):
@@ -246,6 +284,13 @@ class ServerSettings:
             problems.append("--tls-cert and --tls-key go together: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
             problems.append("--tls-client-ca needs --tls-cert and --tls-key (mutual TLS is TLS first)")
+        if self.redis_url and not self.redis_url.startswith(REDIS_SCHEMES):
+            problems.append(
+                f"--redis-url must start with one of {', '.join(REDIS_SCHEMES)} "
+                f"(e.g. redis://127.0.0.1:6379/0), got one starting {self.redis_url.split(':')[0]!r}"
+            )
+        if not self.redis_namespace or any(c.isspace() for c in self.redis_namespace):
+            problems.append(f"--redis-namespace must be non-empty, without spaces: {self.redis_namespace!r}")
         if self.snapshot_interval_s > 0 and self.state_snapshot is None:
             problems.append("--snapshot-interval-s needs --state-snapshot (the file to save to)")
         for spec in fields(self):

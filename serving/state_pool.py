@@ -110,7 +110,7 @@ class HostStatePool:
 
     def gather(self, slots: np.ndarray) -> tuple[np.ndarray, ...]:
         """Each state tensor's rows for `slots`, as new contiguous (B, num_layers, hidden) arrays."""
-        return tuple(np.take(state, slots, axis=0) for state in self.states)
+        return tuple([state.take(slots, axis=0) for state in self.states])
 
     def scatter(self, slots: np.ndarray, states: Sequence[np.ndarray], logits: np.ndarray) -> None:
         """Write a successful run's new rows back: states (B, L, H) each, logits (B, vocab)."""

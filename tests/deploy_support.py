@@ -38,10 +38,10 @@ SERVING_TARGETS = ("serve", "serve-gpu")
 ALL_TARGETS = ("serve", "serve-gpu", "train")
 IMAGE_UID = 10001  # the rnnserve user of every image (Dockerfile, stage runtime)
 
-# Settings the deploy files already pass for server features still being written (issue 7:
-# Redis), with their documented defaults. Once serving.settings has the field, its own default
-# and validation apply instead, and the entry here is unused.
-PLANNED_SETTINGS: dict[str, Any] = {"redis_url": None}
+# Settings the deploy files may pass before serving.settings has them (a server feature still
+# being written), each with its documented default. Once serving.settings has the field, its
+# own default and validation apply, and the entry goes. None now: every setting exists.
+PLANNED_SETTINGS: dict[str, Any] = {}
 
 
 def load_deploy_module(name: str) -> ModuleType:

@@ -54,7 +54,7 @@ def test_whole_run_writes_every_section_and_the_png(tmp_path: Path) -> None:
     assert errors == {}
     assert status == 0
     assert set(results["models"]) == {"bench-lstm", "bench-gru"}
-    assert set(results["scenarios"]) == set(bench.SCENARIOS)
+    assert set(results["scenarios"]) == set(bench.DEFAULT_SCENARIOS)
     for name, section in results["scenarios"].items():
         assert set(section) == ({"echo"} if name == "echo" else {"bench-lstm", "bench-gru"}), name
     for label in ("bench-lstm", "bench-gru"):
@@ -266,7 +266,7 @@ def test_bad_flags_are_refused_with_the_reason(
 def test_quick_shortens_defaults_but_explicit_flags_win() -> None:
     quick = bench.parse_config(["--quick", "--sessions", "500"])
     assert (quick.duration_s, quick.warmup_s, quick.sessions) == (1.0, 0.5, 500)
-    assert quick.scenarios == tuple(bench.SCENARIOS)
+    assert quick.scenarios == bench.DEFAULT_SCENARIOS
     assert bench.parse_config(["--scenarios", "sessions,engine"]).scenarios == ("engine", "sessions")
 
 
