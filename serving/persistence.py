@@ -55,7 +55,7 @@ from collections.abc import Iterable, Iterator, Mapping, Sequence
 from dataclasses import dataclass
 from pathlib import Path
 from types import MappingProxyType, TracebackType
-from typing import Any, BinaryIO
+from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
@@ -168,6 +168,25 @@ def _frozen_array(array: np.ndarray, what: str, ndim: int) -> np.ndarray:
     return view
 
 
+class ModelVersionShape(Protocol):
+    """What a record is checked against: a served model version's identity and sizes."""
+
+    @property
+    def name(self) -> str: ...
+    @property
+    def version(self) -> int: ...
+    @property
+    def model_sha256(self) -> str: ...
+    @property
+    def state_names(self) -> Sequence[str]: ...
+    @property
+    def num_layers(self) -> int: ...
+    @property
+    def hidden_size(self) -> int: ...
+    @property
+    def vocab_size(self) -> int: ...
+
+
 @dataclass(frozen=True, eq=False)
 class SessionRecord:
     """One session's state and the facts needed to restore it on the same model version.
@@ -226,6 +245,18 @@ class SessionRecord:
         """(num_layers, hidden) of every state array."""
         shape = next(iter(self.states.values())).shape
         return int(shape[0]), int(shape[1])
+
+    def check_fits(self, manifest: ModelVersionShape) -> None:
+        """check_matches against a served model version's manifest."""
+        self.check_matches(
+            model=manifest.name,
+            version=manifest.version,
+            model_sha256=manifest.model_sha256,
+            state_names=manifest.state_names,
+            num_layers=manifest.num_layers,
+            hidden_size=manifest.hidden_size,
+            vocab_size=manifest.vocab_size,
+        )
 
     def check_matches(
         self,

@@ -435,15 +435,7 @@ class SessionRecovery:
             )
         manifest = model.manifest
         try:
-            record.check_matches(
-                model=manifest.name,
-                version=manifest.version,
-                model_sha256=manifest.model_sha256,
-                state_names=manifest.state_names,
-                num_layers=manifest.num_layers,
-                hidden_size=manifest.hidden_size,
-                vocab_size=manifest.vocab_size,
-            )
+            record.check_fits(manifest)
         except RecordMismatchError as error:
             raise SessionNotFoundError(f"{error}; open a new session") from None
         return model

@@ -165,15 +165,7 @@ class SessionSnapshots:
             return "its model version is not in the repository with the same sha256"
         manifest = model.manifest
         try:
-            record.check_matches(
-                model=manifest.name,
-                version=manifest.version,
-                model_sha256=manifest.model_sha256,
-                state_names=manifest.state_names,
-                num_layers=manifest.num_layers,
-                hidden_size=manifest.hidden_size,
-                vocab_size=manifest.vocab_size,
-            )
+            record.check_fits(manifest)
         except RecordMismatchError:
             return "its model version changed (another sha256 or shape)"
         sessions = self.runtime.sessions
