@@ -13,6 +13,7 @@ import contextlib
 import importlib
 import importlib.util
 import io
+import os
 import re
 import sys
 from collections.abc import Mapping
@@ -26,8 +27,11 @@ import tomllib
 from serving.settings import ServerSettings, env_name, settings_from
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# CI clones main with the steering repo's shared/ beside it.
-COMPOSE_SCHEMA = REPO_ROOT.parent / "shared" / "schemas" / "compose-spec.json"
+# CI clones main with the steering repo's shared/ beside it; RNNSERVE_SHARED_DIR points
+# elsewhere for a checkout that has it in another place.
+COMPOSE_SCHEMA = (
+    Path(os.environ.get("RNNSERVE_SHARED_DIR", REPO_ROOT.parent / "shared")) / "schemas" / "compose-spec.json"
+)
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
 NGINX_CONF = REPO_ROOT / "deploy" / "nginx" / "nginx.conf"
