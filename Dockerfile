@@ -35,6 +35,7 @@ RUN python -m venv /opt/venv
 WORKDIR /src
 # Only what `pip install .` needs to build the wheel; .dockerignore keeps the context to these.
 COPY pyproject.toml constraints.txt README.md ./
+COPY contract/ contract/
 COPY models/ models/
 COPY export/ export/
 COPY serving/ serving/

@@ -26,8 +26,8 @@ import onnxruntime
 import torch
 from onnx import TensorProto
 
+from contract import signature as sig
 from export import evaluate, graph, publish, quantize, verify
-from export import signature as sig
 from export.errors import ExportError, VerificationError
 from export.report import PRECISIONS, VerificationReport
 from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, sha256_file

@@ -35,8 +35,8 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
+from contract import signature as sig
 from export import evaluate
-from export import signature as sig
 from export.errors import ExportError
 from export.report import CRITERIA, DEVICES, PRECISIONS, CheckResult, VerificationReport
 from models.checkpoint import Checkpoint

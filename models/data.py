@@ -36,7 +36,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.tokenizer import (
+from contract.tokenizer import (
     ByteTokenizer,
     CharTokenizer,
     IdTokenizer,

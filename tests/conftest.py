@@ -20,8 +20,8 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export import signature as sig
-from serving.observers import ServerObserver
+from contract import signature as sig
+from serving.core.observers import ServerObserver
 
 T = TypeVar("T")
 
@@ -45,11 +45,11 @@ def export_tiny_model(
     """Train nothing: save a seeded random model as a checkpoint and export it. Returns the version dir."""
     import torch
 
+    from contract.tokenizer import CharTokenizer
     from export.exporter import export_checkpoint
     from models.checkpoint import save_checkpoint
     from models.config import ModelConfig
     from models.model import RNNLanguageModel
-    from serving.tokenizer import CharTokenizer
 
     tokenizer = CharTokenizer(sorted(set(ALPHABET)))
     torch.manual_seed(seed)
@@ -148,7 +148,7 @@ class ServerThread:
     """A real rnnserve server on 127.0.0.1:<free port>, on an event loop in a background thread."""
 
     def __init__(self, repository: Path, state_on_device: bool | None = None, **overrides: Any) -> None:
-        from serving.registry import load_repository
+        from serving.core.registry import load_repository
         from serving.settings import ServerSettings
 
         self.settings = dataclasses.replace(ServerSettings(repository=repository, port=0), **overrides)
@@ -161,7 +161,7 @@ class ServerThread:
         self.target = f"127.0.0.1:{self.port}"
 
     async def _start(self) -> tuple[Any, int]:
-        from serving.server import create_server
+        from serving.frontend.server import create_server
 
         server, port = await create_server(self.settings, self.registry, observer=self.observer)
         await server.start()

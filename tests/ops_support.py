@@ -1,7 +1,7 @@
 """What the operations tests share: the full server in-process or as `rnnserve serve`, metric
 scrapes, certificates made with the openssl command, and bounded waiting.
 
-OpsServer runs serving.server.build_server (metrics, auth, TLS, hot reload, snapshots) on an
+OpsServer runs serving.frontend.server.build_server (metrics, auth, TLS, hot reload, snapshots) on an
 event loop in a background thread, like conftest.ServerThread does for create_server, so tests
 talk to it over real channels. ServerProcess runs the real command line, for signals.
 """
@@ -69,8 +69,8 @@ class OpsServer:
     """`rnnserve serve`'s server (build_server) on 127.0.0.1:<free port>, metrics on a free port."""
 
     def __init__(self, repository: Path, state_on_device: bool | None = None, **overrides: Any) -> None:
-        from serving.metrics import MetricsObserver
-        from serving.registry import load_repository
+        from serving.core.registry import load_repository
+        from serving.ops.metrics import MetricsObserver
         from serving.settings import ServerSettings
 
         self.settings = dataclasses.replace(ServerSettings(repository=repository, port=0), **overrides)
@@ -84,7 +84,7 @@ class OpsServer:
         self.target = f"127.0.0.1:{self.port}"
 
     async def _start(self) -> tuple[Any, int]:
-        from serving.server import build_server
+        from serving.frontend.server import build_server
 
         server, port = await build_server(
             self.settings,

@@ -7,7 +7,7 @@
     cluster.replicas[0].kill()         # SIGKILL; .restart() brings it back on its port
     cluster.stop()
 
-The processes come from serving.bench_cluster (the scale bench runs the same ones); Redis is
+The processes come from bench.cluster (the scale bench runs the same ones); Redis is
 tests/redis_support's RedisServer, which can be stopped and started again on its port. The
 tests skip, saying which, when nginx or redis-server is not installed (.ci/run installs both).
 """
@@ -23,9 +23,9 @@ from pathlib import Path
 import grpc
 from redis_support import RedisServer, redis_server_path
 
+from bench.cluster import NginxProcess, ReplicaProcess, nginx_binary, start_all, stop_all
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc as pb_grpc
-from serving.bench_cluster import NginxProcess, ReplicaProcess, nginx_binary, start_all, stop_all
 
 
 def missing_services() -> str | None:

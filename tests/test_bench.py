@@ -13,12 +13,11 @@ import numpy as np
 import onnxruntime as ort
 import pytest
 
-from export import signature as sig
-from protos.rnnserve.v1 import inference_pb2 as pb
-from serving import bench, bench_load
-from serving.bench_echo import canned_prediction, echo_process_main
-from serving.bench_engine import quantize_int8
-from serving.bench_model import (
+from bench import cli as bench
+from bench import load as bench_load
+from bench.echo import canned_prediction, echo_process_main
+from bench.engine import quantize_int8
+from bench.model import (
     BenchModel,
     BenchModelError,
     ModelSizes,
@@ -26,9 +25,11 @@ from serving.bench_model import (
     read_model,
     write_synthetic_model,
 )
-from serving.bench_procs import ServerProcess
-from serving.bench_report import compute_targets, write_png
-from serving.bench_stats import LatencyStats
+from bench.procs import ServerProcess
+from bench.report import compute_targets, write_png
+from bench.stats import LatencyStats
+from contract import signature as sig
+from protos.rnnserve.v1 import inference_pb2 as pb
 
 TINY = ["--vocab-size", "16", "--embedding-size", "8", "--hidden-size", "16"]
 # Every scenario, at sizes and durations that keep the whole run to seconds.
@@ -271,7 +272,7 @@ def test_quick_shortens_defaults_but_explicit_flags_win() -> None:
 
 
 def test_server_options_become_typed_settings(tmp_path: Path) -> None:
-    from serving.bench_server import ServerOptionError, make_settings
+    from bench.server import ServerOptionError, make_settings
 
     settings = make_settings(
         tmp_path,

@@ -7,8 +7,8 @@ from pathlib import Path
 
 import pytest
 
+from contract import signature as sig
 from export import bootstrap
-from export import signature as sig
 
 
 def _versions(repository: Path, name: str) -> list[str]:

@@ -157,7 +157,7 @@ def test_serving_images_probe_health_with_rnnserve_health(dockerfile: Any) -> No
         assert int(match.group(1)) == default_setting("port")
         assert dockerfile.stage(target).all("ENTRYPOINT")[0].exec_form() == ["rnnserve"]
         assert dockerfile.stage(target).all("CMD")[0].exec_form() == ["serve"]
-        assert_flags_exist(command.split(), "serving.health")
+        assert_flags_exist(command.split(), "serving.clients.health")
 
 
 def test_serving_image_environment_agrees_with_the_server_settings(dockerfile: Any) -> None:
@@ -318,7 +318,10 @@ def test_mirror_fails_when_dockerignore_keeps_out_a_copied_file(tmp_path: Path) 
 
 
 def run_in(python: Path, code: str) -> subprocess.CompletedProcess[str]:
-    return subprocess.run([str(python), "-c", code], capture_output=True, text=True, check=False, timeout=120)
+    """Run `code` in the venv of `python`, from outside the source tree (so it imports what is installed)."""
+    return subprocess.run(
+        [str(python), "-c", code], capture_output=True, text=True, check=False, timeout=120, cwd=python.parent
+    )
 
 
 def installed_version(python: Path, distribution: str) -> str:
@@ -337,13 +340,16 @@ def serve_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
 
 @pytest.mark.slow
 def test_serving_image_install_mirror(serve_venv: Path) -> None:
-    """The serve image's installs, run for real: onnxruntime and grpc import, torch does not."""
+    """The serve image's installs, run for real: onnxruntime and grpc import; torch and bench do not."""
     imported = run_in(
-        serve_venv, "import onnxruntime, grpc, grpc_health.v1; import serving.server, serving.health"
+        serve_venv,
+        "import onnxruntime, grpc, grpc_health.v1; import serving.frontend.server, serving.clients.health",
     )
     assert imported.returncode == 0, imported.stderr
     no_torch = run_in(serve_venv, "import torch")
     assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
+    no_bench = run_in(serve_venv, "import bench")
+    assert no_bench.returncode != 0 and "No module named 'bench'" in no_bench.stderr
     pins = constraint_pins()
     for distribution in ("onnxruntime", "grpcio", "grpcio-health-checking", "numpy", "protobuf"):
         assert installed_version(serve_venv, distribution) == pins[distribution]

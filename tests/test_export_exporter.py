@@ -16,15 +16,15 @@ import pytest
 import torch
 from onnx import TensorProto
 
+from contract import signature as sig
+from contract.tokenizer import CharTokenizer, IdTokenizer
 from export import evaluate, publish, quantize, verify
-from export import signature as sig
 from export.errors import QuantizationError, RepositoryError, VerificationError, VersionExistsError
 from export.exporter import export_checkpoint
 from models import data
 from models.checkpoint import WEIGHTS_FILE, CheckpointError, load_checkpoint, save_checkpoint
 from models.config import ModelConfig
 from models.model import RNNLanguageModel
-from serving.tokenizer import CharTokenizer, IdTokenizer
 
 RECORDED_VAL_LOSS = 3.2
 

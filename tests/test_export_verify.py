@@ -13,8 +13,9 @@ import pytest
 import torch
 from onnx import TensorProto, helper, numpy_helper
 
+from contract import signature as sig
+from contract.tokenizer import IdTokenizer
 from export import cli, graph
-from export import signature as sig
 from export.errors import VerificationError
 from export.exporter import export_checkpoint, verify_version
 from models import data
@@ -22,7 +23,6 @@ from models.checkpoint import save_checkpoint
 from models.config import ModelConfig
 from models.model import RNNLanguageModel
 from serving import cli as rnnserve_cli
-from serving.tokenizer import IdTokenizer
 
 VOCAB_SIZE = 24
 

@@ -26,7 +26,7 @@ from hardening_support import (
     wait_until,
 )
 
-from serving.client import RnnserveClient
+from serving.clients.client import RnnserveClient
 
 EXHAUSTED = grpc.StatusCode.RESOURCE_EXHAUSTED
 VOCAB = 32

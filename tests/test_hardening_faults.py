@@ -33,7 +33,7 @@ from hardening_support import (
 )
 
 from protos.rnnserve.v1 import inference_pb2 as pb
-from serving.client import RnnserveClient, Sampling
+from serving.clients.client import RnnserveClient, Sampling
 
 ROOT = Path(__file__).resolve().parents[1]
 
@@ -57,7 +57,7 @@ def watched_server(make_server: Callable[..., ServerThread]) -> Iterator[Callabl
 # on stdin, sends a third chunk. The test kills it with SIGKILL while idle or while that chunk is queued.
 KILLED_CLIENT = """
 import asyncio, json, sys
-from serving.client import RnnserveClient
+from serving.clients.client import RnnserveClient
 
 async def main(target):
     async with RnnserveClient(target) as client, client.stream("tiny-lstm") as stream:

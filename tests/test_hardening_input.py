@@ -42,11 +42,11 @@ from hardening_support import report
 from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
-from export import signature as sig
+from contract import signature as sig
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
-from serving.client import RnnserveClient, StreamSession
-from serving.repository import sha256_file
+from serving.clients.client import RnnserveClient, StreamSession
+from serving.core.repository import sha256_file
 
 T = TypeVar("T")
 
@@ -1110,7 +1110,7 @@ def test_malformed_repositories_are_refused_with_a_log_line_and_valid_models_ser
     )
     (repository / "README.txt").write_text("stray files in the repository are ignored\n")
 
-    with caplog.at_level(logging.ERROR, logger="serving.registry"):
+    with caplog.at_level(logging.ERROR, logger="serving.core.registry"):
         server = ServerThread(repository)
     try:
         lines = [r.getMessage() for r in caplog.records if r.levelno >= logging.ERROR]

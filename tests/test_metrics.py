@@ -17,7 +17,7 @@ import pytest
 from prometheus_client import CollectorRegistry, Histogram
 from prometheus_client.parser import text_string_to_metric_families
 
-from serving.metrics import LATENCY_BUCKETS, MetricsBindError, MetricsObserver, start_metrics_server
+from serving.ops.metrics import LATENCY_BUCKETS, MetricsBindError, MetricsObserver, start_metrics_server
 
 SERVICE = "test.Echo"
 
@@ -387,9 +387,9 @@ def test_interceptor_counts_calls_by_method_and_status() -> None:
 
 
 def test_a_real_servers_metrics_change_as_requests_run(model_repository: Path) -> None:
-    from serving.client import RnnserveClient
-    from serving.registry import load_repository
-    from serving.server import create_server
+    from serving.clients.client import RnnserveClient
+    from serving.core.registry import load_repository
+    from serving.frontend.server import create_server
     from serving.settings import ServerSettings
 
     inference = "rnnserve.v1.Inference"

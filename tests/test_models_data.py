@@ -10,9 +10,9 @@ import numpy as np
 import pytest
 import torch
 
+from contract.tokenizer import ByteTokenizer, CharTokenizer, IdTokenizer
 from models import data
 from models.data import IGNORE_INDEX, DataError, DataSpec
-from serving.tokenizer import ByteTokenizer, CharTokenizer, IdTokenizer
 
 LECTURE_JSONL = Path(__file__).parent / "data" / "lecture_toy.jsonl"  # the lecture's 10 toy sequences
 LECTURE_VOCAB_SIZE = 100

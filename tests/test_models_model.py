@@ -9,6 +9,7 @@ import pytest
 import torch
 from torch.nn import functional
 
+from contract.tokenizer import CharTokenizer
 from models.checkpoint import (
     CHECKPOINT_FILE,
     WEIGHTS_FILE,
@@ -20,7 +21,6 @@ from models.config import ModelConfig
 from models.data import IGNORE_INDEX
 from models.model import RNNLanguageModel
 from models.sample import generate
-from serving.tokenizer import CharTokenizer
 
 ARCHS = ["lstm", "gru"]
 VOCAB_SIZE = 40

@@ -17,9 +17,9 @@ from conftest import run
 from ops_support import OpsServer, sample, wait_for
 
 from protos.rnnserve.v1 import inference_pb2 as pb
-from serving.client import RnnserveClient
-from serving.logs import JsonFormatter, RequestIdFilter, TextFormatter
-from serving.server import BindError
+from serving.clients.client import RnnserveClient
+from serving.frontend.server import BindError
+from serving.ops.logs import JsonFormatter, RequestIdFilter, TextFormatter
 
 INFERENCE = "rnnserve.v1.Inference"
 
@@ -96,9 +96,9 @@ def test_metrics_change_as_requests_run(ops_server: OpsServer) -> None:
 
 
 def test_metrics_port_zero_disables_the_endpoint_and_a_taken_port_fails(model_repository: Path) -> None:
-    from serving.metrics import MetricsObserver
-    from serving.registry import load_repository
-    from serving.server import build_server
+    from serving.core.registry import load_repository
+    from serving.frontend.server import build_server
+    from serving.ops.metrics import MetricsObserver
     from serving.settings import ServerSettings
 
     async def build(metrics_port: int) -> object:

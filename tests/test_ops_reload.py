@@ -17,9 +17,9 @@ import pytest
 from conftest import Oracle, export_tiny_model, run
 from ops_support import OpsServer, ServerProcess, sample, server_processes, wait_for
 
-from export import signature as sig
-from serving.client import RnnserveClient
-from serving.health import check
+from contract import signature as sig
+from serving.clients.client import RnnserveClient
+from serving.clients.health import check
 
 __all__ = ["server_processes"]  # the fixture, imported for the tests below
 
@@ -136,7 +136,7 @@ def test_a_broken_version_is_refused_once_and_the_old_one_serves(
     config = (repository / "tiny-lstm" / "1" / sig.CONFIG_FILE).read_text()
     server = OpsServer(repository, reload_interval_s=0.05)
     try:
-        with caplog.at_level(logging.ERROR, logger="serving.reload"):
+        with caplog.at_level(logging.ERROR, logger="serving.ops.reload"):
             half_written = _publish(
                 repository / "tiny-lstm",
                 2,

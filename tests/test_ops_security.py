@@ -16,9 +16,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha import reflection_pb2, reflection_pb2_grpc
 from ops_support import RNNSERVE, Certificates, OpsServer, free_port, make_certificates, sample
 
-from serving.auth import SecurityConfigError, load_tokens
-from serving.client import Connection, RnnserveClient
-from serving.health import check
+from serving.clients.client import Connection, RnnserveClient
+from serving.clients.health import check
+from serving.ops.auth import SecurityConfigError, load_tokens
 from serving.settings import ServerSettings
 
 T = TypeVar("T")

@@ -20,9 +20,9 @@ import pytest
 from conftest import Oracle, run
 from ops_support import OpsServer, ServerProcess, free_port, sample, scrape, server_processes, wait_for
 
-from serving.client import RnnserveClient
-from serving.health import check
-from serving.persistence import read_snapshot, write_snapshot
+from serving.clients.client import RnnserveClient
+from serving.clients.health import check
+from serving.state.records import read_snapshot, write_snapshot
 
 __all__ = ["server_processes"]  # the fixture, imported for the tests below
 

@@ -18,8 +18,8 @@ import pytest
 from hypothesis import given, settings
 from hypothesis import strategies as st
 
-from serving import persistence
-from serving.persistence import (
+from serving.state import records as persistence
+from serving.state.records import (
     RecordCorruptError,
     RecordMismatchError,
     SessionRecord,

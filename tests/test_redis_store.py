@@ -13,9 +13,9 @@ import pytest
 import redis
 from redis_support import REDIS_SKIP_REASON, RedisServer, free_port, redis_server_path
 
-from serving.metrics import MetricsObserver
-from serving.persistence import RecordCorruptError, SessionRecord, encode_record
-from serving.redis_store import (
+from serving.ops.metrics import MetricsObserver
+from serving.state.records import RecordCorruptError, SessionRecord, encode_record
+from serving.state.redis_store import (
     RedisStateStore,
     RedisStoreOptions,
     SavePolicy,
@@ -226,7 +226,7 @@ def test_redis_stopped_mid_test_fails_fast_and_recovers_when_restarted(
 ) -> None:
     record = make_record("f" * 32)
     events = Events()
-    caplog.set_level(logging.WARNING, logger="serving.redis_store")
+    caplog.set_level(logging.WARNING, logger="serving.state.redis_store")
 
     async def scenario() -> None:
         store = RedisStateStore(options(redis_server.url, retry_after_s=0.3, warn_interval_s=60), events)
@@ -261,7 +261,7 @@ def test_redis_stopped_mid_test_fails_fast_and_recovers_when_restarted(
     assert events.availability == [True, False, True]
     outcomes = [outcome for _, outcome in events.operations]
     assert outcomes == ["ok", "failed", "skipped", "skipped", "skipped", "ok", "ok"]
-    warnings = [r.getMessage() for r in caplog.records if r.name == "serving.redis_store"]
+    warnings = [r.getMessage() for r in caplog.records if r.name == "serving.state.redis_store"]
     # One warning for the outage (rate limited, not one per call) and one for the recovery.
     assert len(warnings) == 2, warnings
     assert "unavailable" in warnings[0] and "available again" in warnings[1]

@@ -25,8 +25,8 @@ from redis_support import RedisServer
 from scale_support import Cluster, Route, missing_services
 
 from protos.rnnserve.v1 import inference_pb2 as pb
-from serving.client import RnnserveClient
-from serving.persistence import SessionRecord, decode_record
+from serving.clients.client import RnnserveClient
+from serving.state.records import SessionRecord, decode_record
 
 pytestmark = [
     pytest.mark.services,
@@ -333,7 +333,7 @@ def restore_cluster(cluster: Cluster, victim: int) -> None:
 
 @pytest.mark.slow
 def test_the_scale_bench_measures_every_configuration(tmp_path: Path) -> None:
-    from serving import bench
+    from bench import cli as bench
 
     tiny = ["--arch", "lstm", "--vocab-size", "16", "--embedding-size", "8", "--hidden-size", "16"]
     argv = [*tiny, "--scenarios", "scale", "--streams", "1,4", "--duration", "0.3", "--warmup", "0.05"]

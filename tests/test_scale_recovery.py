@@ -20,10 +20,10 @@ from conftest import ALPHABET, Oracle, ServerThread, export_tiny_model, run
 from redis_support import REDIS_SKIP_REASON, RedisServer, free_port, redis_server_path
 
 from protos.rnnserve.v1 import inference_pb2 as pb
-from serving.affinity import SESSION_ID_KEY, new_session_id
-from serving.client import RnnserveClient
-from serving.persistence import SessionRecord, decode_record
-from serving.redis_store import RedisStateStore, RedisStoreOptions
+from serving.clients.client import RnnserveClient
+from serving.frontend.affinity import SESSION_ID_KEY, new_session_id
+from serving.state.records import SessionRecord, decode_record
+from serving.state.redis_store import RedisStateStore, RedisStoreOptions
 
 pytestmark = pytest.mark.skipif(redis_server_path() is None, reason=REDIS_SKIP_REASON)
 
@@ -146,7 +146,7 @@ class OwnedServerThread(ServerThread):
     """A test server that names each caller by its `x-test-owner` metadata, as auth would."""
 
     async def _start(self) -> tuple[Any, int]:
-        from serving.server import create_server
+        from serving.frontend.server import create_server
 
         server, port = await create_server(
             self.settings, self.registry, observer=self.observer, identity=owner

@@ -13,7 +13,7 @@ import numpy as np
 import pytest
 from conftest import Oracle, ServerThread, run
 
-from serving.client import RnnserveClient, Sampling
+from serving.clients.client import RnnserveClient, Sampling
 
 SESSIONS = 200
 OPERATIONS = 6

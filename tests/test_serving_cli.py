@@ -147,3 +147,31 @@ def test_generate_without_a_server() -> None:
     )
     assert result.returncode == 1
     assert "cannot reach an rnnserve server at" in result.stderr
+
+
+def test_a_subcommand_whose_package_is_not_installed_says_so(
+    monkeypatch: pytest.MonkeyPatch, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from serving import cli
+
+    real_import = cli.importlib.import_module
+
+    def without_bench(name: str) -> object:
+        if name.split(".", maxsplit=1)[0] == "bench":
+            raise ModuleNotFoundError(f"No module named {name!r}", name="bench")
+        return real_import(name)
+
+    monkeypatch.setattr(cli.importlib, "import_module", without_bench)
+    assert cli.main(["bench", "--help"]) == 2
+    assert "the 'bench' package is not installed here" in capsys.readouterr().err
+
+
+def test_a_missing_dependency_of_an_installed_subcommand_is_raised(monkeypatch: pytest.MonkeyPatch) -> None:
+    from serving import cli
+
+    def without_torch(name: str) -> object:
+        raise ModuleNotFoundError("No module named 'torch'", name="torch")
+
+    monkeypatch.setattr(cli.importlib, "import_module", without_torch)
+    with pytest.raises(ModuleNotFoundError, match="torch"):
+        cli.main(["train", "--help"])

@@ -10,8 +10,8 @@ import onnx
 import pytest
 from conftest import ALPHABET, Oracle
 
-from export import signature as sig
-from serving.engine import (
+from contract import signature as sig
+from serving.core.engine import (
     ORT_ERRORS,
     DeviceEngine,
     Engine,
@@ -21,8 +21,8 @@ from serving.engine import (
     load_engine,
     pooled_graph,
 )
-from serving.repository import load_model_proto, read_manifest
-from serving.state_pool import HostStatePool, PoolFullError, SlotAllocator
+from serving.core.repository import load_model_proto, read_manifest
+from serving.core.state_pool import HostStatePool, PoolFullError, SlotAllocator
 
 
 def engine_for(
@@ -171,11 +171,11 @@ def test_cuda_engine_keeps_state_on_the_device(
 def test_fp16_models_run_on_cuda(tmp_path: Path, oracles: dict[str, Oracle]) -> None:
     import torch
 
+    from contract.tokenizer import CharTokenizer
     from export.exporter import export_checkpoint
     from models.checkpoint import save_checkpoint
     from models.config import ModelConfig
     from models.model import RNNLanguageModel
-    from serving.tokenizer import CharTokenizer
 
     tokenizer = CharTokenizer(sorted(set(ALPHABET)))
     torch.manual_seed(0)  # the same weights as tiny-gru, exported in fp16

@@ -12,7 +12,7 @@ from conftest import Oracle, ServerThread, run
 
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
-from serving.client import RnnserveClient, Sampling
+from serving.clients.client import RnnserveClient, Sampling
 
 INVALID = grpc.StatusCode.INVALID_ARGUMENT
 NOT_FOUND = grpc.StatusCode.NOT_FOUND

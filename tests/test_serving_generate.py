@@ -14,7 +14,7 @@ import pytest
 from conftest import Oracle, ServerThread, run
 
 from protos.rnnserve.v1 import inference_pb2 as pb
-from serving.client import RnnserveClient, Sampling
+from serving.clients.client import RnnserveClient, Sampling
 
 
 async def generate_tokens(target: str, **kwargs: Any) -> list[int]:

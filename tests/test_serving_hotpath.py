@@ -10,9 +10,9 @@ from collections.abc import Callable
 import numpy as np
 from conftest import ServerThread, run
 
-from serving.client import RnnserveClient, Sampling
-from serving.sampling import DRAW_BLOCK, Sampler, SamplingParams, sample, top_k
-from serving.scheduler import Delivery, GenerateWork, TokenChannel
+from serving.clients.client import RnnserveClient, Sampling
+from serving.core.batcher import Delivery, GenerateWork, TokenChannel
+from serving.core.sampling import DRAW_BLOCK, Sampler, SamplingParams, sample, top_k
 
 
 def test_top_k_breaks_ties_by_id_in_large_vocabularies() -> None:

@@ -16,9 +16,9 @@ import pytest
 from conftest import Oracle, ServerThread, export_tiny_model, run
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
-from serving.client import RnnserveClient
-from serving.registry import batching_options, engine_options, load_version
-from serving.repository import read_manifest
+from serving.clients.client import RnnserveClient
+from serving.core.registry import batching_options, engine_options, load_version
+from serving.core.repository import read_manifest
 
 
 def test_a_new_version_takes_new_sessions_and_the_old_one_unloads_with_its_last_session(

@@ -14,10 +14,16 @@ import onnx
 import pytest
 from conftest import RecordingObserver
 
-from export import signature as sig
-from serving.engine import EngineError, EngineOptions, load_engine, resolve_providers
-from serving.registry import load_repository
-from serving.repository import RepositoryError, load_model_proto, read_manifest, scan_repository, sha256_file
+from contract import signature as sig
+from serving.core.engine import EngineError, EngineOptions, load_engine, resolve_providers
+from serving.core.registry import load_repository
+from serving.core.repository import (
+    RepositoryError,
+    load_model_proto,
+    read_manifest,
+    scan_repository,
+    sha256_file,
+)
 from serving.settings import ServerSettings
 
 
@@ -150,7 +156,7 @@ def test_a_corrupt_latest_version_falls_back_and_other_models_serve(
     (corrupt / sig.MODEL_FILE).write_bytes(b"truncated")
     shutil.copytree(repository / "tiny-gru" / "1", repository / "tiny-gru" / "oops")
     observer = RecordingObserver()
-    with caplog.at_level(logging.ERROR, logger="serving.registry"):
+    with caplog.at_level(logging.ERROR, logger="serving.core.registry"):
         registry = load_repository(settings(repository), observer)
     assert [(m.name, m.version) for m in registry] == [("tiny-gru", 1), ("tiny-lstm", 1)]
     messages = "\n".join(r.getMessage() for r in caplog.records)

@@ -11,9 +11,9 @@ from conftest import ALPHABET, TINY_MODELS, Oracle, ServerThread, run
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 from grpc_reflection.v1alpha.proto_reflection_descriptor_database import ProtoReflectionDescriptorDatabase
 
+from contract.tokenizer import tokenizer_from_json
 from protos.rnnserve.v1 import inference_pb2 as pb
-from serving.client import RnnserveClient, Sampling
-from serving.tokenizer import tokenizer_from_json
+from serving.clients.client import RnnserveClient, Sampling
 
 
 def test_list_models_describes_every_model(server: ServerThread) -> None:

@@ -5,8 +5,8 @@ from __future__ import annotations
 import numpy as np
 import pytest
 
-from serving.errors import InvalidArgumentError
-from serving.sampling import Sampler, SamplingParams, log_softmax, sample, top_k
+from serving.core.errors import InvalidArgumentError
+from serving.core.sampling import Sampler, SamplingParams, log_softmax, sample, top_k
 
 
 def samplers(*params: SamplingParams) -> list[Sampler]:

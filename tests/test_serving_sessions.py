@@ -11,7 +11,7 @@ import numpy as np
 import pytest
 from conftest import Oracle, ServerThread, run
 
-from serving.client import RnnserveClient
+from serving.clients.client import RnnserveClient
 
 
 def test_session_ids_are_random_128_bit_hex(server: ServerThread) -> None:
