@@ -12,7 +12,7 @@
 # stage copies only that environment onto a fresh base: no source tree, no pip cache and no build
 # leftovers reach the image, and the final stages need no compiler (every dependency ships wheels).
 #
-# CI has no Docker engine. tests/test_deploy_dockerfile.py runs this file's `pip install` lines in
+# CI has no Docker engine. tests/deploy/test_dockerfile.py runs this file's `pip install` lines in
 # a fresh venv on the same Python release (deploy/mirror_docker_install.py), so keep every install
 # in a RUN of its own made only of `pip install` commands joined by `&&`.
 

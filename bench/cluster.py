@@ -1,7 +1,8 @@
 """Scale-out on one machine: rnnserve replicas, nginx in front of them and Redis, all on loopback.
 
-The scale bench (serving.bench_scale) and the scale-out tests (tests/test_scale_out.py) run the
-deployed pieces as they are deployed, each as a child process of the caller:
+The scale bench (the `scale` scenario of bench.scenarios) and the scale-out tests
+(tests/deploy/test_scale_out.py) run the deployed pieces as they are deployed, each as a child
+process of the caller:
 
     with RedisProcess(work / "redis") as redis:
         replicas = [ReplicaProcess(repository, work / "replicas", i, {"redis-url": redis.url})
