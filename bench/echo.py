@@ -8,7 +8,6 @@ gRPC, protobuf and asyncio cost per message on this machine; the real server can
 
 from __future__ import annotations
 
-import secrets
 from collections.abc import AsyncIterator
 from multiprocessing.connection import Connection
 from typing import Any
@@ -16,6 +15,7 @@ from typing import Any
 import grpc
 
 from bench.procs import run_child
+from contract.session_id import new_session_id
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc as pb_grpc
 
@@ -54,7 +54,7 @@ class EchoServicer(pb_grpc.InferenceServicer):
             if kind in ("open", "resume"):
                 opening = kind == "open"
                 options = request.open.options if opening else request.resume.options
-                session_id = secrets.token_hex(16) if opening else request.resume.session_id
+                session_id = new_session_id() if opening else request.resume.session_id
                 model = request.open.model if opening else "echo"
                 # One reply object per stream, reused for every chunk: the echo measures the
                 # transport, not message building.

@@ -102,6 +102,10 @@ class ByteTokenizer(Tokenizer):
         return {"type": self.kind}
 
 
+# The kinds that map text (a model with an `ids` tokenizer takes and returns token ids only).
+TEXT_TOKENIZERS = (CharTokenizer.kind, ByteTokenizer.kind)
+
+
 class IdTokenizer(Tokenizer):
     """Pre-tokenized data: ids only, no text (the lecture's toy data)."""
 

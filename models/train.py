@@ -34,6 +34,8 @@ import torch
 from torch.nn import functional
 from tqdm import tqdm
 
+from contract.hashing import sha256_file
+from contract.model_config import ARCHITECTURES
 from models import distributed
 from models.checkpoint import (
     CHECKPOINT_FILE,
@@ -47,7 +49,6 @@ from models.checkpoint import (
     save_checkpoint,
     save_optimizer,
     save_weights,
-    sha256_file,
 )
 from models.config import ModelConfig
 from models.data import (
@@ -558,7 +559,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data parallel: torchrun --nproc-per-node N -m models.train ... (gloo on CPU, nccl on GPU)",
     )
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
-    parser.add_argument("--arch", choices=("lstm", "gru"), help="recurrent cell (required unless --resume)")
+    parser.add_argument("--arch", choices=ARCHITECTURES, help="recurrent cell (required unless --resume)")
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default="default", help="sizes and recipe (default: default)"
     )

@@ -40,10 +40,10 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from contract.session_id import SESSION_ID_KEY, new_session_id, routable
 from contract.tokenizer import Tokenizer, tokenizer_from_json
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
-from serving.frontend.affinity import SESSION_ID_KEY, new_session_id, routable
 
 Metadata = Sequence[tuple[str, str]]
 ChannelOptions = Sequence[tuple[str, Any]]

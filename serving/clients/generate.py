@@ -14,7 +14,7 @@ from collections.abc import Sequence
 
 import grpc
 
-from contract.tokenizer import TokenizerError, tokenizer_from_json
+from contract.tokenizer import TEXT_TOKENIZERS, TokenizerError, tokenizer_from_json
 from serving.clients.client import (
     ConnectionConfigError,
     RnnserveClient,
@@ -76,7 +76,7 @@ async def generate(args: argparse.Namespace) -> int:
         except grpc.aio.AioRpcError as error:
             print(f"rnnserve generate: {describe(error, args.target)}", file=sys.stderr)
             return 1
-        has_text = tokenizer.kind in ("char", "byte")
+        has_text = tokenizer.kind in TEXT_TOKENIZERS
         print(args.prompt, end="", flush=True)
         try:
             async for response in client.generate(

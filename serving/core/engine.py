@@ -29,9 +29,9 @@ import numpy as np
 import onnx
 import onnxruntime as ort
 from onnx import TensorProto, helper
-from onnxruntime.capi import onnxruntime_pybind11_state as ort_state
 
 from contract import signature as sig
+from contract.ort_errors import ORT_ERRORS
 from serving.core.repository import ModelManifest
 from serving.core.state_pool import DeviceStatePool, HostStatePool, SavedRows
 
@@ -39,12 +39,6 @@ log = logging.getLogger(__name__)
 
 CPU = "CPUExecutionProvider"
 CUDA = "CUDAExecutionProvider"
-
-# onnxruntime's exceptions (Fail, InvalidGraph, ...) share no base class below Exception.
-ORT_ERRORS: tuple[type[Exception], ...] = (
-    RuntimeError,
-    *(kind for kind in vars(ort_state).values() if isinstance(kind, type) and issubclass(kind, Exception)),
-)
 
 
 class EngineError(Exception):

@@ -60,3 +60,10 @@ class ServerObserver:
 
     def snapshot_failed(self, path: str, reason: str) -> None:
         """The session snapshot could not be saved (the reason is also logged)."""
+
+    def state_store_operation(self, operation: str, outcome: str, seconds: float) -> None:
+        """A state store (Redis) call finished: operation "save", "save_many", "load" or "delete";
+        outcome "ok", "miss", "corrupt", "failed" or "skipped"; seconds it took (0 when skipped)."""
+
+    def state_store_availability(self, available: bool) -> None:
+        """True when the state store is created and when it answers again; False at a failure."""

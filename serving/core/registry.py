@@ -19,9 +19,10 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from contract.ort_errors import ORT_ERRORS
 from contract.tokenizer import Tokenizer
 from serving.core.batcher import Batcher, BatchingOptions
-from serving.core.engine import ORT_ERRORS, Engine, EngineError, EngineOptions, load_engine
+from serving.core.engine import Engine, EngineError, EngineOptions, load_engine
 from serving.core.errors import NotFoundError
 from serving.core.observers import ServerObserver
 from serving.core.repository import (

@@ -12,7 +12,6 @@ Directories whose name starts with "." (an export in progress, `.tmp-*`) are ski
 
 from __future__ import annotations
 
-import hashlib
 import json
 import logging
 import re
@@ -25,13 +24,13 @@ import onnx
 from onnx import TensorProto
 
 from contract import signature as sig
+from contract.hashing import sha256_file
+from contract.model_config import ARCHITECTURES, PRECISIONS, config_metadata
 from contract.tokenizer import Tokenizer, TokenizerError, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
 
 CONFIG_FORMAT = "rnnserve-model/1"
-PRECISIONS = ("fp32", "int8", "fp16")
-ARCHITECTURES = ("lstm", "gru")
 _SHA256 = re.compile(r"^[0-9a-f]{64}$")
 
 
@@ -204,18 +203,6 @@ def read_manifest(version_dir: Path) -> ModelManifest:
     )
 
 
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
-
-
-# What each config field is called in the ONNX metadata_props, and how the value is compared.
-_METADATA_FIELDS = ("arch", "vocab_size", "num_layers", "hidden_size", "embedding_size", "pad_id")
-
-
 def load_model_proto(manifest: ModelManifest) -> onnx.ModelProto:
     """Read model.onnx and check it against config.json; raise RepositoryError on any disagreement."""
     path = manifest.model_path
@@ -245,10 +232,10 @@ def check_model_agrees(manifest: ModelManifest, model: onnx.ModelProto) -> None:
     where = manifest.model_path
     metadata = {prop.key: prop.value for prop in model.metadata_props}
     problems = []
-    for key in _METADATA_FIELDS:
+    for key, written in config_metadata(manifest).items():
         if key not in metadata:
             problems.append(f"metadata {key!r} is missing")
-        elif metadata[key] != str(getattr(manifest, key)):
+        elif metadata[key] != written:
             problems.append(
                 f"metadata {key}={metadata[key]!r} but config.json says {getattr(manifest, key)!r}"
             )

@@ -4,25 +4,26 @@ Runtime ties the model registry, the session manager and the batchers together a
 every request at this boundary, before anything changes, so a failed request never changes any
 session's state. Its methods run on the event loop; inference runs on the batchers' threads.
 
-Seams for operations (used by later features, kept here so they stay in one place):
+What operations and the state stores use, in one place:
 - `draining`: when True, new sessions are refused with UNAVAILABLE; open ones keep working.
 - `sessions`: iterate open sessions (snapshots, metrics); `registry`: add/retire versions
   (hot reload); `owner` arguments: the authenticated identity (auth), checked on every lookup.
-- `recovery` (with --redis-url): opening a session claims its id in Redis, requests save the
-  session's state as the save policy says, and a lookup of a session this replica does not hold
-  restores it from Redis (serving.state.recovery).
+- `recovery`, a SessionStore (with --redis-url, serving.state.recovery.SessionRecovery): opening
+  a session claims its id in the store, requests save the session's state as the save policy
+  says, and a lookup of a session this replica does not hold restores it from the store.
 """
 
 from __future__ import annotations
 
 import asyncio
 import logging
-from collections.abc import AsyncIterator, Callable, Sequence
+from collections.abc import AsyncIterator, Awaitable, Callable, Sequence
 from dataclasses import dataclass
+from typing import Any, Protocol
 
 import numpy as np
 
-from contract.tokenizer import TokenizerError
+from contract.tokenizer import TEXT_TOKENIZERS, TokenizerError
 from serving.core.batcher import (
     FinishReason,
     GenerateWork,
@@ -42,12 +43,41 @@ from serving.core.registry import LoadedModel, ModelRegistry
 from serving.core.sampling import Sampler, SamplingParams
 from serving.core.sessions import Session, SessionLimits, SessionManager
 from serving.settings import ServerSettings
-from serving.state.recovery import SessionRecovery
 
 log = logging.getLogger(__name__)
 
 DEFAULT_TOP_K = 5
-TEXT_TOKENIZERS = ("char", "byte")
+
+
+class SessionStore(Protocol):
+    """Where sessions are kept beyond this process, so that another replica can restore them.
+
+    The runtime calls `opened`, `stepped`, `restore` and `flushed`; the server calls `start`,
+    `save_all` (at shutdown, after the last request) and `close`. Implemented by
+    serving.state.recovery.SessionRecovery (Redis); the core never imports it.
+    """
+
+    async def start(self) -> None:
+        """Begin serving (the event loop is running)."""
+
+    async def save_all(self) -> int:
+        """Save every open session; returns how many were saved."""
+
+    async def close(self) -> None:
+        """Let pending operations finish and release the store."""
+
+    async def opened(self, session: Session) -> None:
+        """A session was opened here: record it (raises InvalidArgumentError for an id in use)."""
+
+    def stepped(self, session: Session) -> Awaitable[Any] | None:
+        """A request changed the session; returns the save to wait for, if the answer must."""
+
+    async def restore(self, session_id: str, owner: str | None, missing: SessionNotFoundError) -> Session:
+        """The session with this id from the store, opened here; raises `missing` (or a
+        SessionNotFoundError saying why) when it cannot be restored."""
+
+    async def flushed(self, session_id: str) -> None:
+        """The session was closed: forget its saved state."""
 
 
 @dataclass(frozen=True)
@@ -125,7 +155,7 @@ class Runtime:
         )
         self.draining = False
         # With --redis-url: sessions are saved to and restored from Redis (serving.state.recovery).
-        self.recovery: SessionRecovery | None = None
+        self.recovery: SessionStore | None = None
         self._sweeper: asyncio.Task[None] | None = None
 
     def start(self) -> None:

@@ -20,19 +20,16 @@ is exactly the state of the steps that were answered.
 from __future__ import annotations
 
 import asyncio
-import re
-import secrets
 import time
 from collections import OrderedDict
 from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
+from contract.session_id import is_session_id, new_session_id
 from serving.core.errors import ResourceExhaustedError, SessionNotFoundError, UnavailableError
 from serving.core.observers import ServerObserver
 from serving.core.registry import LoadedModel, ModelRegistry
 from serving.core.state_pool import PoolFullError
-
-SESSION_ID = re.compile(r"^[0-9a-f]{32}$")
 
 
 @dataclass(eq=False, slots=True)
@@ -115,7 +112,7 @@ class SessionManager:
             raise ResourceExhaustedError(
                 f"{model.label} has no free state slot ({self.limits.max_sessions} sessions)"
             ) from None
-        new_id = session_id or secrets.token_hex(16)
+        new_id = session_id or new_session_id()
         session = Session(new_id, model, slot, owner, self.clock())
         self._sessions[new_id] = session
         self._gone.pop(new_id, None)
@@ -159,7 +156,7 @@ class SessionManager:
 
     def _unknown(self, session_id: str) -> str:
         shown = session_id if len(session_id) <= 64 else session_id[:64] + "…"
-        if not SESSION_ID.match(session_id):
+        if not is_session_id(session_id):
             return (
                 f"session {shown!r} not found: session ids are 32 lower-case hex characters, "
                 f"as returned by CreateSession, a Stream's open or Generate"

@@ -8,8 +8,9 @@ metadata, where nginx can read it (the request body is opaque to it):
   resumes one) send the session's id; the server refuses a call whose metadata names another
   session than its body, since nginx routed it by the metadata;
 - calls that open a session (CreateSession, a Stream that opens one, a Generate with
-  keep_session) may send an id the client made up (`new_session_id()`): the session then gets
-  that id, so the call that opens it is routed exactly like the calls that follow. Without
+  keep_session) may send an id the client made up (`contract.session_id.new_session_id()`):
+  the session then gets that id, so the call that opens it is routed exactly like the calls
+  that follow. Without
   one, the server makes the id, the opening call lands on a random replica and later calls
   on the replica the id hashes to, which holds the session only if it recovers it from Redis.
 
@@ -20,33 +21,10 @@ must not belong to an open or saved session.
 
 from __future__ import annotations
 
-import re
-import secrets
 from collections.abc import Iterable
 
+from contract.session_id import SESSION_ID_KEY, is_session_id
 from serving.core.errors import InvalidArgumentError
-
-SESSION_ID_KEY = "x-session-id"  # gRPC metadata keys are lower case
-_SESSION_ID = re.compile(r"[0-9a-f]{32}")
-
-
-def new_session_id() -> str:
-    """A fresh session id in the server's format: 128 random bits as 32 hex characters."""
-    return secrets.token_hex(16)
-
-
-def routable(session_id: str) -> bool:
-    """Whether the id can travel as metadata: 1-128 printable ASCII characters, no outer spaces.
-
-    Anything else is no id the server made or accepted (it answers NOT_FOUND), and gRPC refuses
-    to send control characters or non-ASCII text in a header at all.
-    """
-    return (
-        0 < len(session_id) <= 128
-        and session_id.isascii()
-        and session_id.isprintable()
-        and session_id.strip() == session_id
-    )
 
 
 def metadata_session_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
@@ -65,7 +43,7 @@ def proposed_session_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> s
     proposed = metadata_session_id(metadata)
     if proposed is None:
         return None
-    if not _SESSION_ID.fullmatch(proposed):
+    if not is_session_id(proposed):
         shown = proposed if len(proposed) <= 64 else proposed[:64] + "…"
         raise InvalidArgumentError(
             f"{SESSION_ID_KEY} metadata {shown!r} cannot be a new session's id: it must be 32 "

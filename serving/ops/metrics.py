@@ -109,9 +109,7 @@ class _RpcSeries:
 class MetricsObserver(ServerObserver):
     """Records the server's hooks as Prometheus metrics in `self.registry`.
 
-    Beyond ServerObserver's hooks it has session_restored, state_store_operation,
-    state_store_availability, snapshot_written and snapshot_failed (the server calls them where
-    its observer has them), and the request counters fed by `interceptor()`.
+    It overrides ServerObserver's hooks, and has the request counters fed by `interceptor()`.
     """
 
     def __init__(self, registry: CollectorRegistry | None = None, *, process_metrics: bool = True) -> None:

@@ -59,6 +59,8 @@ from typing import Any, BinaryIO, Protocol
 
 import numpy as np
 
+from contract.session_id import is_storable_session_id
+
 RECORD_MAGIC = b"RNSR"
 RECORD_FORMAT = 1
 SNAPSHOT_MAGIC = b"RNNSSNAP"
@@ -76,7 +78,6 @@ _FRAME = struct.Struct("<I")  # record length; 0 starts the trailer
 _TRAILER_REST = struct.Struct("<Q8s")  # record count, end marker
 _FLOAT32_LE = np.dtype("<f4")
 
-_SESSION_ID = re.compile(r"[A-Za-z0-9_.-]{1,128}")
 _STATE_NAME = re.compile(r"[A-Za-z0-9_]{1,32}")
 _SHA256 = re.compile(r"[0-9a-f]{64}")
 _HEADER_KEYS = frozenset(
@@ -149,11 +150,6 @@ class SnapshotNotFoundError(SnapshotReadError):
     """There is no snapshot file at the path (a first start, or it was removed)."""
 
 
-def is_valid_session_id(text: str) -> bool:
-    """Whether `text` can be a record's session id (1-128 of A-Z, a-z, 0-9, '_', '.', '-')."""
-    return bool(_SESSION_ID.fullmatch(text))
-
-
 def _frozen_array(array: np.ndarray, what: str, ndim: int) -> np.ndarray:
     """A read-only, C-contiguous view of a float32 array (copies only when not contiguous)."""
     if not isinstance(array, np.ndarray) or array.dtype != np.float32:
@@ -207,7 +203,7 @@ class SessionRecord:
     last_logits: np.ndarray | None = None  # (vocab,) float32: logits after the last token
 
     def __post_init__(self) -> None:
-        if not isinstance(self.session_id, str) or not _SESSION_ID.fullmatch(self.session_id):
+        if not isinstance(self.session_id, str) or not is_storable_session_id(self.session_id):
             raise ValueError(
                 f"session id {self.session_id!r} must be 1-128 characters of A-Z, a-z, 0-9, '_', '.', '-'"
             )

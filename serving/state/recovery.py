@@ -56,7 +56,6 @@ from serving.core.observers import ServerObserver
 from serving.core.registry import LoadedModel
 from serving.core.sessions import Session, SessionManager
 from serving.core.state_pool import HostStatePool, SavedRows
-from serving.ops.metrics import MetricsObserver
 from serving.settings import ServerSettings
 from serving.state.records import RecordError, RecordMismatchError, SessionRecord
 from serving.state.redis_store import (
@@ -629,8 +628,7 @@ def recovery_for(
         socket_timeout_s=timeout,
         operation_timeout_s=4 * timeout,  # a call waiting for a pooled connection, then its reply
     )
-    events = observer if isinstance(observer, MetricsObserver) else None
-    store = RedisStateStore(options, events)
+    store = RedisStateStore(options, observer)
     policy = SavePolicy(settings.state_save_every_steps, settings.state_save_every_s)
     recovery = SessionRecovery(sessions, store, policy, settings.session_idle_timeout_s, observer)
     sessions.ending = recovery.session_ending

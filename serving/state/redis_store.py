@@ -45,13 +45,13 @@ from redis.exceptions import ConnectionError as RedisConnectionError
 from redis.exceptions import RedisError
 from redis.exceptions import TimeoutError as RedisTimeoutError
 
+from contract.session_id import is_storable_session_id
 from serving.state.records import (
     PersistenceError,
     RecordCorruptError,
     SessionRecord,
     decode_record,
     encode_record,
-    is_valid_session_id,
 )
 
 log = logging.getLogger(__name__)
@@ -75,7 +75,7 @@ class StateStoreUnavailableError(StateStoreError):
 
 
 class StateStoreEvents(Protocol):
-    """What the store reports for metrics (serving.ops.metrics.MetricsObserver implements it)."""
+    """What the store reports for metrics (serving.core.observers.ServerObserver has these hooks)."""
 
     def state_store_operation(self, operation: str, outcome: str, seconds: float) -> None:
         """One call finished: operation "save", "save_many", "load" or "delete"; outcome one of
@@ -224,9 +224,9 @@ class RedisStateStore:
         """The record saved for the session, or None when there is none (never saved, or expired).
 
         Raises RecordCorruptError when the stored value is not a valid record for this id. An id no
-        record can have (see persistence.is_valid_session_id) is a miss without a call to Redis.
+        record can have (see contract.session_id.is_storable_session_id) is a miss without a call to Redis.
         """
-        if not is_valid_session_id(session_id):
+        if not is_storable_session_id(session_id):
             self._report("load", MISS, 0.0)
             return None
         key = self.key(session_id)

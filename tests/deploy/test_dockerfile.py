@@ -242,12 +242,13 @@ def test_training_image_takes_torch_from_the_cpu_index(dockerfile: Any) -> None:
 def test_build_context_is_only_the_build_inputs() -> None:
     sent = mirror.DockerIgnore.read(REPO_ROOT).context_files(REPO_ROOT)
     assert {"pyproject.toml", "constraints.txt", "README.md"} <= set(sent)
-    for package in ("models", "export", "serving", "protos"):
+    for package in ("contract", "models", "export", "serving", "protos"):
         assert f"{package}/__init__.py" in sent
     assert {path.split("/")[0] for path in sent} == {
         "pyproject.toml",
         "constraints.txt",
         "README.md",
+        "contract",
         "models",
         "export",
         "serving",

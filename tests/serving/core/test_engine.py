@@ -10,8 +10,8 @@ import onnx
 import pytest
 
 from contract import signature as sig
+from contract.ort_errors import ORT_ERRORS
 from serving.core.engine import (
-    ORT_ERRORS,
     DeviceEngine,
     Engine,
     EngineOptions,

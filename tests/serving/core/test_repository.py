@@ -14,6 +14,7 @@ import onnx
 import pytest
 
 from contract import signature as sig
+from contract.hashing import sha256_file
 from serving.core.engine import EngineError, EngineOptions, load_engine, resolve_providers
 from serving.core.registry import load_repository
 from serving.core.repository import (
@@ -21,7 +22,6 @@ from serving.core.repository import (
     load_model_proto,
     read_manifest,
     scan_repository,
-    sha256_file,
 )
 from serving.settings import ServerSettings
 from tests.support.servers import RecordingObserver

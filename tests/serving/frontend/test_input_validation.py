@@ -41,10 +41,10 @@ from hypothesis import HealthCheck, given, settings
 from hypothesis import strategies as st
 
 from contract import signature as sig
+from contract.hashing import sha256_file
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
 from serving.clients.client import RnnserveClient, StreamSession
-from serving.core.repository import sha256_file
 from tests.support.faults import report
 from tests.support.models import ALPHABET, Oracle, export_tiny_model
 from tests.support.servers import ServerThread

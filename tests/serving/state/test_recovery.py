@@ -17,9 +17,9 @@ import numpy as np
 import pytest
 import redis
 
+from contract.session_id import SESSION_ID_KEY, new_session_id
 from protos.rnnserve.v1 import inference_pb2 as pb
 from serving.clients.client import RnnserveClient
-from serving.frontend.affinity import SESSION_ID_KEY, new_session_id
 from serving.state.records import SessionRecord, decode_record
 from serving.state.redis_store import RedisStateStore, RedisStoreOptions
 from tests.support.models import ALPHABET, Oracle, export_tiny_model
