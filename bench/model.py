@@ -32,7 +32,7 @@ class BenchModelError(ValueError):
 
 @dataclass(frozen=True)
 class ModelSizes:
-    """Sizes of a synthetic model (the `seed` preset by default: the lecture's LSTM/GRU)."""
+    """Sizes of a synthetic model (the `seed` preset's LSTM/GRU by default)."""
 
     vocab_size: int = 65  # the Shakespeare character vocabulary
     embedding_size: int = 256

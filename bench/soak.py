@@ -56,7 +56,7 @@ from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc as pb_grpc
 
 SIZES = {
-    "seed": ModelSizes(),  # the lecture's LSTM/GRU: vocabulary 65, embedding 256, hidden 512
+    "seed": ModelSizes(),  # the seed preset's LSTM/GRU: vocabulary 65, embedding 256, hidden 512
     "tiny": ModelSizes(vocab_size=32, embedding_size=16, hidden_size=32, num_layers=1),
 }
 EOF_MARKER = grpc.aio.EOF  # type: ignore[attr-defined]

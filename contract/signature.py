@@ -1,7 +1,7 @@
 """The ONNX signature of an rnnserve model: the one source of truth for exporter and server.
 
 Batch-major state, named dynamic `batch` and `seq` dimensions, right-padded token chunks whose
-real lengths drive `sequence_lens` of every LSTM/GRU node (see ARCHITECTURE.md).
+real lengths drive `sequence_lens` of every LSTM/GRU node (see docs/architecture.md).
 """
 
 from __future__ import annotations

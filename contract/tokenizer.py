@@ -107,7 +107,7 @@ TEXT_TOKENIZERS = (CharTokenizer.kind, ByteTokenizer.kind)
 
 
 class IdTokenizer(Tokenizer):
-    """Pre-tokenized data: ids only, no text (the lecture's toy data)."""
+    """Pre-tokenized data: ids only, no text (e.g. a JSONL corpus of token ids)."""
 
     kind = "ids"
 

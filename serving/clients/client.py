@@ -9,7 +9,7 @@
             print(response.text, end="")
 
 Responses are the protobuf messages of protos/rnnserve/v1/inference.proto. A failed call raises
-grpc.aio.AioRpcError; `error.code()` is the status (see ARCHITECTURE.md) and `error.details()`
+grpc.aio.AioRpcError; `error.code()` is the status (see serving/core/errors.py) and `error.details()`
 the server's message. It is built on grpc.aio because the synchronous API caps a client at a few
 thousand messages per second.
 
@@ -40,6 +40,7 @@ from typing import Any
 import grpc
 from grpc_health.v1 import health_pb2, health_pb2_grpc
 
+from contract.sampling import Sampling
 from contract.session_id import SESSION_ID_KEY, new_session_id, routable
 from contract.tokenizer import Tokenizer, tokenizer_from_json
 from protos.rnnserve.v1 import inference_pb2 as pb
@@ -140,24 +141,16 @@ def connection_from(args: argparse.Namespace) -> Connection:
     )
 
 
-@dataclass(frozen=True)
-class Sampling:
-    """Sampling options; None leaves a field unset (server defaults: temperature 1, top_p 1)."""
-
-    temperature: float | None = None
-    top_k: int = 0
-    top_p: float | None = None
-    seed: int | None = None
-
-    def to_proto(self) -> pb.SamplingOptions:
-        options = pb.SamplingOptions(top_k=self.top_k)
-        if self.temperature is not None:
-            options.temperature = self.temperature
-        if self.top_p is not None:
-            options.top_p = self.top_p
-        if self.seed is not None:
-            options.seed = self.seed
-        return options
+def sampling_options(sampling: Sampling) -> pb.SamplingOptions:
+    """The wire form of `sampling`: unset fields stay unset, so the server applies its defaults."""
+    options = pb.SamplingOptions(top_k=sampling.top_k)
+    if sampling.temperature is not None:
+        options.temperature = sampling.temperature
+    if sampling.top_p is not None:
+        options.top_p = sampling.top_p
+    if sampling.seed is not None:
+        options.seed = sampling.seed
+    return options
 
 
 def prediction_options(
@@ -165,7 +158,7 @@ def prediction_options(
 ) -> pb.PredictionOptions:
     options = pb.PredictionOptions(top_k=top_k, return_logits=return_logits)
     if sampling is not None:
-        options.sampling.CopyFrom(sampling.to_proto())
+        options.sampling.CopyFrom(sampling_options(sampling))
     return options
 
 
@@ -402,7 +395,7 @@ class RnnserveClient:
             keep_session=keep_session,
         )
         if sampling is not None:
-            request.sampling.CopyFrom(sampling.to_proto())
+            request.sampling.CopyFrom(sampling_options(sampling))
         if session_id:
             metadata = self.session_metadata(session_id)
         elif keep_session:

@@ -31,7 +31,7 @@ class InvalidArgumentError(ServingError):
 class StreamOrderError(InvalidArgumentError):
     """A request that is valid in itself but not at this point of a Stream (chunk before open).
 
-    ARCHITECTURE.md fixes the status codes clients handle; an out-of-order request is a bad
+    The status codes clients handle are fixed (the table above); an out-of-order request is a bad
     request, so it answers INVALID_ARGUMENT with a message naming the expected order.
     """
 

@@ -2,8 +2,9 @@
 
 The server calls these at the moments an operator cares about; a metrics exporter subclasses
 ServerObserver and overrides what it records. Keep overrides cheap and non-blocking: batch hooks
-run on a model's worker thread between onnxruntime runs, the others on the event loop. Hooks
-must not raise (an exception in a batch hook would fail that batch's requests).
+run on a model's worker thread between onnxruntime runs, the others on the event loop. A hook
+should not raise: the batcher logs an exception from a batch hook and carries on (the batch's
+answers have already gone), but one from an event-loop hook reaches the code that called it.
 """
 
 from __future__ import annotations

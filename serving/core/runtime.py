@@ -23,6 +23,7 @@ from typing import Any, Protocol
 
 import numpy as np
 
+from contract.sampling import Sampling
 from contract.tokenizer import TEXT_TOKENIZERS, TokenizerError
 from serving.core.batcher import (
     FinishReason,
@@ -81,16 +82,6 @@ class SessionStore(Protocol):
 
 
 @dataclass(frozen=True)
-class SamplingFields:
-    """Sampling options as a request carries them (None = unset), before validation."""
-
-    temperature: float | None = None
-    top_k: int = 0
-    top_p: float | None = None
-    seed: int | None = None
-
-
-@dataclass(frozen=True)
 class GenerateParams:
     """A Generate request's fields (see GenerateRequest in inference.proto)."""
 
@@ -100,7 +91,7 @@ class GenerateParams:
     prompt_tokens: Sequence[int] = ()
     prompt_text: str = ""
     max_new_tokens: int = 0
-    sampling: SamplingFields = SamplingFields()
+    sampling: Sampling = Sampling()
     stop_tokens: Sequence[int] = ()
     keep_session: bool = False
     new_session_id: str | None = None  # the id a kept new session takes (see serving.frontend.affinity)
@@ -228,13 +219,13 @@ class Runtime:
                 f"(--max-queue-steps {self.settings.max_queue_steps}); retry later or on another replica"
             )
 
-    def sampling(self, model: LoadedModel, fields: SamplingFields) -> SamplingParams:
+    def sampling(self, model: LoadedModel, fields: Sampling) -> SamplingParams:
         return SamplingParams.validated(
             fields.temperature, fields.top_k, fields.top_p, fields.seed, model.vocab_size
         )
 
     def prediction_request(
-        self, model: LoadedModel, top_k: int, return_logits: bool, sampling: SamplingFields | None
+        self, model: LoadedModel, top_k: int, return_logits: bool, sampling: Sampling | None
     ) -> PredictionRequest:
         """Validated prediction options; a Stream keeps one (its sampler's draws continue)."""
         if top_k > model.vocab_size:

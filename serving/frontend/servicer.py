@@ -21,6 +21,7 @@ from typing import Any
 import grpc
 from google.protobuf.message import DecodeError, Message
 
+from contract.sampling import Sampling
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
 from serving.core.batcher import PredictionRequest, StepResult
@@ -33,7 +34,7 @@ from serving.core.errors import (
     status_code,
 )
 from serving.core.registry import LoadedModel
-from serving.core.runtime import GenerateParams, Runtime, SamplingFields
+from serving.core.runtime import GenerateParams, Runtime
 from serving.core.sessions import Session
 from serving.frontend.affinity import check_affinity, proposed_session_id
 
@@ -105,8 +106,8 @@ def _check_parsed(request: object) -> None:
         raise request.error()
 
 
-def sampling_fields(options: pb.SamplingOptions) -> SamplingFields:
-    return SamplingFields(
+def sampling_fields(options: pb.SamplingOptions) -> Sampling:
+    return Sampling(
         temperature=options.temperature if options.HasField("temperature") else None,
         top_k=options.top_k,
         top_p=options.top_p if options.HasField("top_p") else None,

@@ -4,7 +4,7 @@ A SessionRecord holds what it takes to bring a session back in another process o
 restart: its id, the model version it runs on (name, version and the sha256 of model.onnx, so a
 restore can refuse a different model published under the same number), how many tokens it has
 consumed, who owns it, when it was last used, and its recurrent state rows. The same bytes go to
-the `--state-snapshot` file (issue 5) and to Redis (serving.state.redis_store, issue 7).
+the `--state-snapshot` file and to Redis (serving.state.redis_store).
 
 Record encoding, format version 1 (all integers little-endian):
 

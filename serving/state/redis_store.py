@@ -1,4 +1,4 @@
-"""Redis as the spill and recovery store of session state (issue 7), off the per-token path.
+"""Redis as the spill and recovery store of session state, off the per-token path.
 
 A replica saves a session's record (serving.state.records) when it evicts the session, on drain and
 shutdown, and every K steps or T seconds (SavePolicy / SaveTracker below); on a lookup miss it

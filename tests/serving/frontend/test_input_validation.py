@@ -5,7 +5,7 @@ bytes as request bodies, Stream requests in every order, contradictory sampling 
 models, versions and session ids. Each input is sent together with one step of an ORACLE Stream
 session on tiny-lstm (the two may share a batch), and
 
-- the answer has the status ARCHITECTURE.md gives the problem, and a message naming it;
+- the answer has the status serving/core/errors.py gives the problem, and a message naming it;
 - the oracle's prediction equals the offline ONNX model on its token history (logits within 1e-5);
 - a session the input targeted keeps exactly the state of its successful requests (a failed
   request never changes a session's state), checked against the offline model as well;
