@@ -115,6 +115,14 @@ class FinishReason(enum.IntEnum):
     STOP = 2
 
 
+class Emitted(enum.Enum):
+    """What a generation does after a sampled token (GenerateWork.emit)."""
+
+    CONTINUE = "continue"  # feed the token in the next batch
+    PAUSED = "paused"  # the reader's buffer is full: the reader resumes it (TokenChannel.take)
+    DONE = "done"  # it ended (stop token or max_new_tokens) and has nothing left to run
+
+
 def _set_result(future: asyncio.Future[Any], value: Any) -> None:
     if not future.done():
         future.set_result(value)
@@ -136,8 +144,10 @@ class Work(ABC):
 
     The worker lets go of every work exactly once, by delivering `finish(error)` to the event
     loop: error None when it completed, a CancelledError when it was dropped after `cancel()`,
-    a ServingError when it failed. `on_finish` is the owner's bookkeeping (release the session,
-    advance its position); it runs even when nobody waits for the result any more.
+    a ServingError when it failed. `finish` calls `on_finish(work, error)`, the owner's one
+    completion path: it does the bookkeeping (release the session, advance its position) and
+    hands the outcome to whoever waits for it (a StepWork's `result`, a generation's channel
+    has its tokens). It runs even when nobody waits for the result any more.
     """
 
     def __init__(self, slot: int, rollback: bool, on_finish: OnFinish) -> None:
@@ -176,26 +186,12 @@ class StepWork(Work):
         request: PredictionRequest,
         piece_tokens: int,
         on_finish: OnFinish,
-        future: asyncio.Future[StepResult],
     ) -> None:
         super().__init__(slot, len(tokens) > piece_tokens, on_finish)
         self.tokens = tokens  # (n,) int64, validated
         self.request = request
         self.offset = 0
-        self.future = future  # the prediction, for the request's handler
-        self.result: StepResult | None = None
-
-    def finish(self, error: BaseException | None) -> None:
-        super().finish(error)
-        if self.future.done():  # the handler was cancelled meanwhile
-            return
-        if error is None:
-            assert self.result is not None, "a completed StepWork has its result"
-            self.future.set_result(self.result)
-        elif isinstance(error, asyncio.CancelledError):
-            self.future.cancel()
-        else:
-            self.future.set_exception(error)
+        self.result: StepResult | None = None  # the prediction, set before a successful finish
 
     def piece(self, limit: int) -> np.ndarray:
         return self.tokens[self.offset : self.offset + limit]
@@ -321,9 +317,9 @@ class GenerateWork(Work):
         """No prompt: the first token comes from the session's stored logits, without a run."""
         return len(self.prompt) == 0 and self.produced == 0
 
-    def emit(self, token: int, deliveries: list[Delivery], reply_tokens: int = 1) -> str:
+    def emit(self, token: int, deliveries: list[Delivery], reply_tokens: int = 1) -> Emitted:
         """Record a sampled token; wake the reader once `reply_tokens` are buffered (the first and
-        the last token at once). Returns "continue", "paused" or "done"."""
+        the last token at once). Returns what the generation does next."""
         self.produced += 1
         if token in self.stop_tokens:
             self.finish_reason = FinishReason.STOP
@@ -337,9 +333,9 @@ class GenerateWork(Work):
         if wake:
             deliveries.append(self.channel.wake)
         if not more_runs:
-            return "done"
+            return Emitted.DONE
         self.pending[0] = token
-        return "paused" if paused else "continue"
+        return Emitted.PAUSED if paused else Emitted.CONTINUE
 
     def cancel(self) -> None:
         super().cancel()
@@ -520,9 +516,9 @@ class Batcher:
         logits = self.engine.last_logits(work.slot)[None, :]  # (1, V)
         token = int(sample(logits, [work.sampler])[0])
         outcome = work.emit(token, deliveries)
-        if outcome == "done":
+        if outcome is Emitted.DONE:
             self._end(work, deliveries)
-        return outcome == "continue"
+        return outcome is Emitted.CONTINUE
 
     def _execute(self, batch: list[Work], deliveries: list[Delivery]) -> BatchObservation | None:
         """Run one batch and finish its works; returns batch_completed's arguments (None when
@@ -615,11 +611,11 @@ class Batcher:
             reply_tokens = -(-len(sampling_works) // self.options.replies_per_batch)
             for generation, token in zip(sampling_works, sampled.tolist(), strict=True):
                 outcome = generation.emit(token, deliveries, reply_tokens)
-                if outcome == "done":
+                if outcome is Emitted.DONE:
                     self._end(generation, deliveries)
-                elif outcome == "continue":
+                elif outcome is Emitted.CONTINUE:
                     self._requeue(generation, now)
-                # "paused": the reader resumes it through TokenChannel.take
+                # Emitted.PAUSED: the reader resumes it through TokenChannel.take
 
     def _answer(self, works: list[StepWork], logits: np.ndarray, deliveries: list[Delivery]) -> None:
         requests = [work.request for work in works]

@@ -50,6 +50,21 @@ log = logging.getLogger(__name__)
 DEFAULT_TOP_K = 5
 
 
+def _settle(
+    future: asyncio.Future[StepResult], result: StepResult | None, error: BaseException | None
+) -> None:
+    """Hand a step's outcome to its handler, unless the handler has gone (its future cancelled)."""
+    if future.done():
+        return
+    if error is None:
+        assert result is not None, "a completed StepWork has its result"
+        future.set_result(result)
+    elif isinstance(error, asyncio.CancelledError):
+        future.cancel()
+    else:
+        future.set_exception(error)
+
+
 class SessionStore(Protocol):
     """Where sessions are kept beyond this process, so that another replica can restore them.
 
@@ -283,14 +298,12 @@ class Runtime:
         await self.sessions.acquire(session)
         start_position = session.position
         future: asyncio.Future[StepResult] = asyncio.get_running_loop().create_future()
-        work = StepWork(
-            session.slot,
-            tokens,
-            request,
-            self.settings.prompt_piece_tokens,
-            lambda _, error: self._step_finished(session, request, tokens, error),
-            future,
-        )
+
+        def finished(work: Work, error: BaseException | None) -> None:
+            self._step_finished(session, request, tokens, error)
+            _settle(future, work.result if isinstance(work, StepWork) else None, error)
+
+        work = StepWork(session.slot, tokens, request, self.settings.prompt_piece_tokens, finished)
         try:
             self.check_admission(session.model)
             session.model.batcher.submit(work)

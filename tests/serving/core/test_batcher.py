@@ -85,17 +85,40 @@ def loop() -> Any:
     running.close()
 
 
+class Step:
+    """A StepWork and the future its owner settles from on_finish, as Runtime.step does."""
+
+    def __init__(
+        self,
+        loop: asyncio.AbstractEventLoop,
+        slot: int,
+        tokens: list[int],
+        finished: Finished,
+        piece_tokens: int,
+    ) -> None:
+        self.future: asyncio.Future[StepResult] = loop.create_future()
+        self.finished = finished
+        self.work = StepWork(
+            slot, np.array(tokens, np.int64), PredictionRequest(top_k=2), piece_tokens, self.done
+        )
+
+    def done(self, work: Work, error: BaseException | None) -> None:
+        self.finished(work, error)
+        if error is None:
+            self.future.set_result(self.work.result)  # type: ignore[arg-type]
+        elif isinstance(error, asyncio.CancelledError):
+            self.future.cancel()
+        else:
+            self.future.set_exception(error)
+
+
 def step_work(
     loop: asyncio.AbstractEventLoop, slot: int, tokens: list[int], finished: Finished, piece_tokens: int = 64
 ) -> StepWork:
-    return StepWork(
-        slot,
-        np.array(tokens, np.int64),
-        PredictionRequest(top_k=2),
-        piece_tokens,
-        finished,
-        loop.create_future(),
-    )
+    """A StepWork whose on_finish records the call and settles `work.future` (a test attribute)."""
+    step = Step(loop, slot, tokens, finished, piece_tokens)
+    step.work.future = step.future  # type: ignore[attr-defined]
+    return step.work
 
 
 def generate_work(
