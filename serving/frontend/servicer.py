@@ -37,6 +37,7 @@ from serving.core.registry import LoadedModel
 from serving.core.runtime import GenerateParams, Runtime
 from serving.core.sessions import Session
 from serving.frontend.affinity import check_affinity, proposed_session_id
+from serving.ops.interceptor import HANDLER_KINDS
 
 Identity = Callable[[grpc.aio.ServicerContext], "str | None"]
 
@@ -80,14 +81,8 @@ def add_inference_servicer(servicer: InferenceServicer, server: grpc.aio.Server)
     """Register rnnserve.v1.Inference on `server` (the generated registration, with request
     deserializers that let malformed bodies reach the handler as a MalformedRequest)."""
     service = pb.DESCRIPTOR.services_by_name["Inference"]
-    kinds = {
-        (False, False): grpc.unary_unary_rpc_method_handler,
-        (False, True): grpc.unary_stream_rpc_method_handler,
-        (True, False): grpc.stream_unary_rpc_method_handler,
-        (True, True): grpc.stream_stream_rpc_method_handler,
-    }
     handlers = {
-        method.name: kinds[method.client_streaming, method.server_streaming](
+        method.name: HANDLER_KINDS[method.client_streaming, method.server_streaming][1](
             getattr(servicer, method.name),
             request_deserializer=_request_parser(getattr(pb, method.input_type.name)),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,

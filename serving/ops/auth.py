@@ -35,6 +35,7 @@ from typing import Any
 
 import grpc
 
+from serving.ops.interceptor import rebuild
 from serving.settings import ServerSettings
 
 AUTHORIZATION_KEY = "authorization"
@@ -149,16 +150,6 @@ def load_tokens(settings: ServerSettings) -> TokenTable | None:
     return TokenTable({_digest(token): identity for token, identity in tokens.items()})
 
 
-Behavior = Callable[..., Any]
-
-_HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]] = {
-    (False, False): grpc.unary_unary_rpc_method_handler,
-    (False, True): grpc.unary_stream_rpc_method_handler,
-    (True, False): grpc.stream_unary_rpc_method_handler,
-    (True, True): grpc.stream_stream_rpc_method_handler,
-}
-
-
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that answers UNAUTHENTICATED and does nothing else."""
     streaming_requests = handler.request_streaming
@@ -174,11 +165,7 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
                 await asyncio.wait_for(context.read(), FIRST_MESSAGE_WAIT_S)
         await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
 
-    return _HANDLER_FACTORIES[handler.request_streaming, handler.response_streaming](
-        refuse,
-        request_deserializer=handler.request_deserializer,
-        response_serializer=handler.response_serializer,
-    )
+    return rebuild(handler, refuse)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):

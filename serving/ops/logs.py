@@ -20,17 +20,18 @@ from __future__ import annotations
 import asyncio
 import contextvars
 import datetime
-import inspect
 import json
 import logging
 import re
 import secrets
 import sys
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable
+from collections.abc import Callable
 from typing import Any
 
 import grpc
+
+from serving.ops.interceptor import CallInterceptor
 
 REQUEST_ID_KEY = "x-request-id"
 INFERENCE_PREFIX = "/rnnserve.v1.Inference/"
@@ -110,27 +111,15 @@ def choose_request_id(metadata: Any) -> str:
     return secrets.token_hex(8)
 
 
-def call_status(context: Any, error: BaseException | None) -> grpc.StatusCode:
-    """The status a finished call ended with (what the handler set or aborted with)."""
-    code = context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code
-    if error is None:
-        return grpc.StatusCode.OK
-    if isinstance(error, asyncio.CancelledError | GeneratorExit):
-        return grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN
-
-
-Behavior = Callable[..., Any]
 Caller = Callable[[Any], "str | None"]
 
 
-class CallTracker(grpc.aio.ServerInterceptor):
+class CallTracker(CallInterceptor):
     """Request ids, the access log, and the count of Inference calls in flight.
 
     `caller(context)` names the authenticated caller for the access log (None without auth).
-    Health checks are neither counted nor access-logged (probes would flood the log).
+    Health checks are neither counted nor access-logged (probes would flood the log). The access
+    log's status is the call's final_status, the one /metrics counts.
     """
 
     def __init__(self, log_requests: bool = False, caller: Caller | None = None) -> None:
@@ -148,37 +137,12 @@ class CallTracker(grpc.aio.ServerInterceptor):
             return False
         return True
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        method = handler_call_details.method
-        if handler is None or method.startswith(HEALTH_PREFIX):
-            return handler
-        rid = choose_request_id(handler_call_details.invocation_metadata)
-        counted = method.startswith(INFERENCE_PREFIX)
-        kinds = {
-            (False, False): (handler.unary_unary, grpc.unary_unary_rpc_method_handler),
-            (False, True): (handler.unary_stream, grpc.unary_stream_rpc_method_handler),
-            (True, False): (handler.stream_unary, grpc.stream_unary_rpc_method_handler),
-            (True, True): (handler.stream_stream, grpc.stream_stream_rpc_method_handler),
-        }
-        behavior, make = kinds[handler.request_streaming, handler.response_streaming]
-        if inspect.iscoroutinefunction(behavior):
-            wrapped: Behavior = self._unary(behavior, method, rid, counted)
-        elif inspect.isasyncgenfunction(behavior):
-            wrapped = self._streaming(behavior, method, rid, counted)
-        else:
-            return handler  # a synchronous handler: none of rnnserve's own
-        return make(
-            wrapped,
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+    def watches(self, method: str) -> bool:
+        return not method.startswith(HEALTH_PREFIX)
 
-    def _begin(self, context: Any, rid: str, counted: bool) -> float:
+    def begin(self, context: Any, method: str, metadata: Any) -> tuple[bool, float]:
+        rid = choose_request_id(metadata)
+        counted = method.startswith(INFERENCE_PREFIX)
         if counted:
             self.in_flight += 1
             self._idle.clear()
@@ -187,16 +151,14 @@ class CallTracker(grpc.aio.ServerInterceptor):
         # grpc.aio handles each call in its own task, whose context is its own: the id is seen
         # by everything this call runs, and by nothing else.
         request_id.set(rid)
-        return time.perf_counter()
+        return counted, time.perf_counter()
 
-    def _end(
-        self, context: Any, method: str, counted: bool, started: float, error: BaseException | None
-    ) -> None:
+    def end(self, context: Any, method: str, token: tuple[bool, float], code: grpc.StatusCode) -> None:
+        counted, started = token
         if counted:
             self.in_flight -= 1
             if self.in_flight == 0:
                 self._idle.set()
-        code = call_status(context, error)
         failed = code in (grpc.StatusCode.INTERNAL, grpc.StatusCode.UNKNOWN)
         if self.log_requests or failed:
             duration_ms = round((time.perf_counter() - started) * 1000, 3)
@@ -210,35 +172,3 @@ class CallTracker(grpc.aio.ServerInterceptor):
                 f" caller={caller}" if caller else "",
                 extra={"rpc": method, "code": code.name, "duration_ms": duration_ms, "caller": caller},
             )
-
-    def _unary(self, behavior: Behavior, method: str, rid: str, counted: bool) -> Behavior:
-        async def wrapped(request: Any, context: Any) -> Any:
-            started = self._begin(context, rid, counted)
-            error: BaseException | None = None
-            try:
-                return await behavior(request, context)
-            except BaseException as raised:
-                error = raised
-                raise
-            finally:
-                self._end(context, method, counted, started, error)
-
-        return wrapped
-
-    def _streaming(self, behavior: Behavior, method: str, rid: str, counted: bool) -> Behavior:
-        async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
-            started = self._begin(context, rid, counted)
-            error: BaseException | None = None
-            responses = behavior(request, context)
-            try:
-                async for response in responses:
-                    yield response
-            except BaseException as raised:
-                error = raised
-                raise
-            finally:
-                # Close the handler now (its own `finally` runs here, inside this call's context).
-                await responses.aclose()
-                self._end(context, method, counted, started, error)
-
-        return wrapped

@@ -34,13 +34,11 @@ plus the process_*, python_gc_* and python_info collectors.
 
 from __future__ import annotations
 
-import asyncio
 import contextlib
-import inspect
 import socket
 import threading
 import time
-from collections.abc import AsyncIterator, Awaitable, Callable, Iterator, Sequence
+from collections.abc import Sequence
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from types import TracebackType
@@ -54,6 +52,7 @@ from prometheus_client.platform_collector import PlatformCollector
 from prometheus_client.process_collector import ProcessCollector
 
 from serving.core.observers import ServerObserver
+from serving.ops.interceptor import CallInterceptor
 from serving.ops.metrics_batches import BatchMetrics
 
 PREFIX = "rnnserve"
@@ -67,8 +66,6 @@ REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
                    30.0, 60.0, 300.0)
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # fmt: on
-# A call cancelled this close to its deadline is counted as DEADLINE_EXCEEDED (see _status).
-DEADLINE_SLACK_S = 0.25
 UNKNOWN_METHOD = ("unknown", "unknown")  # labels of calls to methods the server does not have
 
 
@@ -341,133 +338,7 @@ def _split_method(full_method: str | None) -> tuple[str, str]:
 # ----- requests by RPC and status: a grpc.aio server interceptor --------------------------------
 
 
-def _status(context: Any, error: BaseException | None) -> grpc.StatusCode:
-    """The status a call ended with: what the handler set or aborted with, else what grpc sends.
-
-    `context` is grpc.aio's context (it has code()) or a _SyncContext (its `recorded` code).
-    """
-    code = context.recorded if isinstance(context, _SyncContext) else context.code()
-    if isinstance(code, grpc.StatusCode):
-        return code
-    if error is None:
-        return grpc.StatusCode.OK
-    if isinstance(error, asyncio.CancelledError | GeneratorExit):
-        # The client's own deadline timer usually fires first and cancels the call slightly before
-        # the server's copy of the deadline (which started when the headers arrived) runs out.
-        remaining = context.time_remaining()
-        expired = remaining is not None and remaining <= DEADLINE_SLACK_S
-        return grpc.StatusCode.DEADLINE_EXCEEDED if expired else grpc.StatusCode.CANCELLED
-    return grpc.StatusCode.UNKNOWN  # grpc answers an unexpected exception with UNKNOWN
-
-
-class _SyncContext:
-    """The context of a synchronous handler, remembering the code it sets or aborts with.
-
-    grpc.aio runs synchronous handlers (on its migration thread pool) with a context that cannot
-    tell its code afterwards, unlike the asynchronous one; every other attribute passes through.
-    """
-
-    def __init__(self, context: Any) -> None:
-        self._context = context
-        self.recorded: grpc.StatusCode | None = None
-
-    def __getattr__(self, name: str) -> Any:
-        return getattr(self._context, name)
-
-    def set_code(self, code: grpc.StatusCode) -> None:
-        self.recorded = code
-        self._context.set_code(code)
-
-    def abort(self, code: grpc.StatusCode, details: str = "") -> Any:
-        self.recorded = code
-        return self._context.abort(code, details)
-
-    def abort_with_status(self, status: grpc.Status) -> Any:
-        self.recorded = status.code
-        return self._context.abort_with_status(status)
-
-
-Behavior = Callable[..., Any]
-
-
-def _async_unary(behavior: Behavior, series: _RpcSeries) -> Behavior:
-    async def wrapped(request: Any, context: Any) -> Any:
-        started = series.begin()
-        error: BaseException | None = None
-        try:
-            return await behavior(request, context)
-        except BaseException as raised:
-            error = raised
-            raise
-        finally:
-            series.finish(_status(context, error), started)
-
-    return wrapped
-
-
-def _async_streaming(behavior: Behavior, series: _RpcSeries) -> Behavior:
-    async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
-        started = series.begin()
-        error: BaseException | None = None
-        try:
-            # aclosing: if grpc closes this generator early, the handler's own `finally` runs now.
-            async with contextlib.aclosing(behavior(request, context)) as responses:
-                async for response in responses:
-                    yield response
-        except BaseException as raised:
-            error = raised
-            raise
-        finally:
-            series.finish(_status(context, error), started)
-
-    return wrapped
-
-
-def _sync_unary(behavior: Behavior, series: _RpcSeries) -> Behavior:
-    def wrapped(request: Any, grpc_context: Any) -> Any:
-        context = _SyncContext(grpc_context)
-        started = series.begin()
-        error: BaseException | None = None
-        try:
-            return behavior(request, context)
-        except BaseException as raised:
-            error = raised
-            raise
-        finally:
-            series.finish(_status(context, error), started)
-
-    return wrapped
-
-
-def _sync_streaming(behavior: Behavior, series: _RpcSeries) -> Behavior:
-    def wrapped(request: Any, grpc_context: Any) -> Iterator[Any]:
-        context = _SyncContext(grpc_context)
-        started = series.begin()
-        error: BaseException | None = None
-        try:
-            with contextlib.closing(behavior(request, context)) as responses:
-                yield from responses
-        except BaseException as raised:
-            error = raised
-            raise
-        finally:
-            series.finish(_status(context, error), started)
-
-    return wrapped
-
-
-def _wrap(behavior: Behavior, streaming_response: bool, series: _RpcSeries) -> Behavior:
-    """A behaviour of the same kind as `behavior` (grpc.aio runs each kind differently)."""
-    if inspect.isasyncgenfunction(behavior):
-        return _async_streaming(behavior, series)
-    if inspect.iscoroutinefunction(behavior):
-        return _async_unary(behavior, series)  # a unary response, or a stream written with context.write
-    if streaming_response:
-        return _sync_streaming(behavior, series)
-    return _sync_unary(behavior, series)
-
-
-class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
+class RequestMetricsInterceptor(CallInterceptor):
     """Counts every call by service, method and final status code, with its duration.
 
     Only methods the server has get their own labels; calls to any other method are counted
@@ -478,35 +349,17 @@ class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
     def __init__(self, metrics: MetricsObserver) -> None:
         self.metrics = metrics
 
-    async def intercept_service(
-        self,
-        continuation: Callable[[grpc.HandlerCallDetails], Awaitable[grpc.RpcMethodHandler]],
-        handler_call_details: grpc.HandlerCallDetails,
-    ) -> grpc.RpcMethodHandler:
-        handler = await continuation(handler_call_details)
-        if handler is None:
-            series = self.metrics.rpc(None)
-            series.finish(grpc.StatusCode.UNIMPLEMENTED, series.begin())
-            return handler
-        series = self.metrics.rpc(handler_call_details.method)
-        kind = (handler.request_streaming, handler.response_streaming)
-        behavior = _HANDLER_KINDS[kind][0](handler)
-        if behavior is None:
-            return handler  # a malformed handler: let grpc report it, uncounted
-        return _HANDLER_KINDS[kind][1](
-            _wrap(behavior, handler.response_streaming, series),
-            request_deserializer=handler.request_deserializer,
-            response_serializer=handler.response_serializer,
-        )
+    def unimplemented(self, method: str) -> None:
+        series = self.metrics.rpc(None)
+        series.finish(grpc.StatusCode.UNIMPLEMENTED, series.begin())
 
+    def begin(self, context: Any, method: str, metadata: Any) -> tuple[_RpcSeries, float]:
+        series = self.metrics.rpc(method)
+        return series, series.begin()
 
-# (request streaming, response streaming) -> (the handler's behaviour, the factory of its kind)
-_HANDLER_KINDS: dict[tuple[bool, bool], tuple[Callable[[Any], Behavior | None], Callable[..., Any]]] = {
-    (False, False): (lambda h: h.unary_unary, grpc.unary_unary_rpc_method_handler),
-    (False, True): (lambda h: h.unary_stream, grpc.unary_stream_rpc_method_handler),
-    (True, False): (lambda h: h.stream_unary, grpc.stream_unary_rpc_method_handler),
-    (True, True): (lambda h: h.stream_stream, grpc.stream_stream_rpc_method_handler),
-}
+    def end(self, context: Any, method: str, token: tuple[_RpcSeries, float], code: grpc.StatusCode) -> None:
+        series, started = token
+        series.finish(code, started)
 
 
 # ----- /metrics over HTTP ------------------------------------------------------------------------
