@@ -50,13 +50,20 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from serving.core.batcher import Batcher
 from serving.core.errors import InvalidArgumentError, SessionNotFoundError, UnavailableError
 from serving.core.observers import ServerObserver
 from serving.core.registry import LoadedModel
 from serving.core.sessions import Session, SessionManager
-from serving.core.state_pool import HostStatePool, SavedRows
+from serving.core.state_pool import SavedRows
 from serving.settings import ServerSettings
+from serving.state.capture import (
+    capture_held,
+    host_pool,
+    on_worker,
+    restored_rows,
+    session_record,
+    write_rows,
+)
 from serving.state.records import RecordError, RecordMismatchError, SessionRecord
 from serving.state.redis_store import (
     RedisStateStore,
@@ -75,67 +82,6 @@ SOURCE = "redis"  # the `source` of observer.session_restored
 BUSY_WAIT_S = 1.0  # a background save waits this long for the session's next request to end
 ERROR_LOG_INTERVAL_S = 30.0  # Redis refusing commands (not unreachable) is logged this often
 STOP_WAIT_S = 5.0  # at shutdown, how long saves still in flight may take
-
-
-def _on_worker(batcher: Batcher, task: Callable[[], T]) -> asyncio.Future[T]:
-    """Queue `task` on the model's worker thread now (not when a coroutine first runs) and
-    return a future of its result, so it runs before any work submitted after this call."""
-    loop = asyncio.get_running_loop()
-    future: asyncio.Future[T] = loop.create_future()
-
-    def settle(result: T | None, error: Exception | None) -> None:
-        if future.cancelled():
-            return
-        if error is not None:
-            future.set_exception(error)
-        else:
-            future.set_result(result)  # type: ignore[arg-type]
-
-    def run() -> None:
-        try:
-            result = task()
-        except Exception as error:  # handed to the awaiting caller
-            loop.call_soon_threadsafe(settle, None, error)
-        else:
-            loop.call_soon_threadsafe(settle, result, None)
-
-    batcher.submit(run)
-    return future
-
-
-def _host_pool(model: LoadedModel) -> bool:
-    return isinstance(model.engine.pool, HostStatePool)
-
-
-def session_record(
-    model: LoadedModel,
-    session: Session,
-    last_used: float,
-    states: Sequence[np.ndarray] = (),
-    logits: np.ndarray | None = None,
-) -> SessionRecord:
-    """The record of a session from its state rows, each (num_layers, hidden), and its last
-    logits (vocab,), with its last use as wall-clock time. A session that consumed nothing since
-    open or reset is in the zero state (a device pool's row then holds whatever the slot had
-    before) and is recorded as zeros; its rows need not be given."""
-    manifest = model.manifest
-    row = (manifest.num_layers, manifest.hidden_size)
-    if session.position == 0:
-        states = [np.zeros(row, np.float32) for _ in manifest.state_names]
-        logits = np.zeros(manifest.vocab_size, np.float32)
-    elif logits is None or len(states) != len(manifest.state_names):
-        raise ValueError(f"session {session.id} has consumed tokens: its state rows are needed")
-    return SessionRecord(
-        session_id=session.id,
-        model=manifest.name,
-        version=manifest.version,
-        model_sha256=manifest.model_sha256,
-        position=session.position,
-        owner=session.owner,
-        last_used=last_used,
-        states=dict(zip(manifest.state_names, (np.asarray(s, np.float32) for s in states), strict=True)),
-        last_logits=np.asarray(logits, np.float32),
-    )
 
 
 class _RateLimitedLog:
@@ -440,20 +386,7 @@ class SessionRecovery:
         return model
 
     async def _write_rows(self, model: LoadedModel, session: Session, record: SessionRecord) -> None:
-        manifest = model.manifest
-        logits = record.last_logits
-        if logits is None:
-            logits = np.zeros(manifest.vocab_size, np.float32)
-        rows = SavedRows(
-            slots=np.array([session.slot], np.int64),
-            states=tuple(record.states[name][np.newaxis] for name in manifest.state_names),  # (1, L, H)
-            logits=logits[np.newaxis],  # (1, vocab)
-            fresh=np.array([record.position == 0]),
-        )
-        if _host_pool(model):
-            model.engine.write_rows(rows)
-        else:
-            await _on_worker(model.batcher, functools.partial(model.engine.write_rows, rows))
+        await write_rows(model, restored_rows(model, [(session, record)]))
 
     # ----- capture and save ----------------------------------------------------------------------
 
@@ -475,17 +408,7 @@ class SessionRecovery:
 
     async def _capture_held(self, model: LoadedModel, group: Sequence[Session]) -> list[SessionRecord]:
         """Records of held sessions of one model."""
-        slots = np.array([session.slot for session in group], np.int64)
-        if _host_pool(model):
-            rows = model.engine.read_rows(slots)
-        else:
-            rows = await _on_worker(model.batcher, functools.partial(model.engine.read_rows, slots))
-        return [
-            session_record(
-                model, session, self._wall_time(session), [state[i] for state in rows.states], rows.logits[i]
-            )
-            for i, session in enumerate(group)
-        ]
+        return await capture_held(model, group, self._wall_time)
 
     async def _capture_many(self, sessions: Iterable[Session]) -> list[SessionRecord]:
         held: list[Session] = []
@@ -515,13 +438,13 @@ class SessionRecovery:
         last_used = self._wall_time(session)
         slots = np.array([session.slot], np.int64)
         record: asyncio.Future[SessionRecord] = asyncio.get_running_loop().create_future()
-        if _host_pool(model):
+        if host_pool(model):
             rows = model.engine.read_rows(slots)
             states = [state[0] for state in rows.states]
             record.set_result(session_record(model, session, last_used, states, rows.logits[0]))
             return record
         logits = model.engine.last_logits(session.slot).copy()
-        read = _on_worker(model.batcher, functools.partial(model.engine.read_rows, slots))
+        read = on_worker(model.batcher, functools.partial(model.engine.read_rows, slots))
 
         def finish(done: asyncio.Future[SavedRows]) -> None:
             error = None if done.cancelled() else done.exception()

@@ -33,7 +33,6 @@ from __future__ import annotations
 
 import asyncio
 import errno
-import functools
 import logging
 import os
 import time
@@ -41,15 +40,13 @@ from collections import Counter
 from collections.abc import Iterator, Sequence
 from pathlib import Path
 
-import numpy as np
-
 from serving.core.engine import EngineError
 from serving.core.errors import ServingError
 from serving.core.registry import LoadedModel, batching_options, engine_options, load_version
 from serving.core.repository import RepositoryError, read_manifest
 from serving.core.runtime import Runtime
 from serving.core.sessions import Session
-from serving.core.state_pool import SavedRows
+from serving.state.capture import capture_held, restored_rows, write_rows
 from serving.state.records import (
     PersistenceError,
     RecordMismatchError,
@@ -134,7 +131,7 @@ class SessionSnapshots:
             dropped["a session limit (--max-sessions) was reached"] += len(opened) - len(pairs)
             if not pairs:
                 continue
-            await model.batcher.run_in_worker(functools.partial(model.engine.write_rows, _rows(model, pairs)))
+            await write_rows(model, restored_rows(model, pairs))
             for _, record in pairs:
                 self.observer.session_restored(record.model, record.version, "snapshot")
             count += len(pairs)
@@ -271,11 +268,8 @@ class SessionSnapshots:
             records: list[SessionRecord] = []
             clock_now, wall_now = self.runtime.sessions.clock(), time.time()
             for model, group in by_model.items():
-                slots = np.array([s.slot for s in group], np.int64)
-                saved = await model.batcher.run_in_worker(functools.partial(model.engine.read_rows, slots))
                 records.extend(
-                    _record(model, session, saved, i, wall_now - (clock_now - session.last_used))
-                    for i, session in enumerate(group)
+                    await capture_held(model, group, lambda s: wall_now - (clock_now - s.last_used))
                 )
         finally:
             for session in held:
@@ -294,45 +288,3 @@ class SessionSnapshots:
 
     def stop_periodic(self) -> None:
         self._stop.set()
-
-
-def _record(
-    model: LoadedModel, session: Session, saved: SavedRows, row: int, last_used: float
-) -> SessionRecord:
-    """One session's record from row `row` of rows read from its model's pool."""
-    manifest = model.manifest
-    fresh = bool(saved.fresh[row]) or session.position == 0
-    states = {
-        # A fresh row of a device pool holds whatever the slot had before: it is the zero state.
-        name: np.zeros_like(state[row]) if fresh else state[row]
-        for name, state in zip(manifest.state_names, saved.states, strict=True)
-    }
-    return SessionRecord(
-        session_id=session.id,
-        model=manifest.name,
-        version=manifest.version,
-        model_sha256=manifest.model_sha256,
-        position=session.position,
-        owner=session.owner,
-        last_used=last_used,
-        states=states,
-        last_logits=np.zeros_like(saved.logits[row]) if fresh else saved.logits[row],
-    )
-
-
-def _rows(model: LoadedModel, pairs: Sequence[tuple[Session, SessionRecord]]) -> SavedRows:
-    """The restored sessions' rows of one model, for engine.write_rows (worker thread)."""
-    manifest = model.manifest
-    states = tuple(
-        np.stack([record.states[name] for _, record in pairs]) for name in manifest.state_names
-    )  # each (n, num_layers, hidden)
-    no_logits = np.zeros(manifest.vocab_size, np.float32)
-    logits = np.stack(
-        [record.last_logits if record.last_logits is not None else no_logits for _, record in pairs]
-    )  # (n, vocab)
-    return SavedRows(
-        slots=np.array([session.slot for session, _ in pairs], np.int64),
-        states=states,
-        logits=logits,
-        fresh=np.array([record.position == 0 for _, record in pairs], dtype=bool),
-    )
