@@ -177,3 +177,13 @@ def test_a_missing_dependency_of_an_installed_subcommand_is_raised(monkeypatch: 
     monkeypatch.setattr(cli.importlib, "import_module", without_torch)
     with pytest.raises(ModuleNotFoundError, match="torch"):
         cli.main(["train", "--help"])
+
+
+def test_bench_is_reached_by_module_name(capsys: pytest.CaptureFixture[str]) -> None:
+    from serving import cli
+
+    assert cli.SUBCOMMANDS["bench"][0] == "bench.cli"
+    with pytest.raises(SystemExit) as exited:
+        cli.main(["bench", "--help"])
+    assert exited.value.code == 0
+    assert "--scenarios" in capsys.readouterr().out
