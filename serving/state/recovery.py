@@ -1,6 +1,6 @@
 """Session recovery across replicas: session state spilled to Redis, and restored on a miss.
 
-With `--redis-url`, a replica keeps a copy of each session's state (a persistence.SessionRecord)
+With `--redis-url`, a replica keeps a copy of each session's state (a serving.state.records.SessionRecord)
 in Redis, so another replica can take the session over when this one dies or the load
 balancer moves it. Redis is off the per-token path unless the policy says every step:
 

@@ -24,7 +24,7 @@ there. Not thread-safe.
     PersistenceError (serving.state.records)
     └── StateStoreError               Redis refused a command (e.g. out of memory)
         └── StateStoreUnavailableError Redis cannot be reached, timed out, or is marked down
-    (load() also raises persistence.RecordCorruptError for a value that is not a valid record)
+    (load() also raises records.RecordCorruptError for a value that is not a valid record)
 """
 
 from __future__ import annotations
