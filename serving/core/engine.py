@@ -47,7 +47,7 @@ class EngineError(Exception):
 
 @dataclass(frozen=True)
 class EngineOptions:
-    """How engines are built; from ServerSettings (see server.engine_options)."""
+    """How engines are built; from ServerSettings (see serving.core.registry.engine_options)."""
 
     device: str = "auto"  # "auto", "cpu" or "cuda"
     intra_op_threads: int = 1
