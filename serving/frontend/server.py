@@ -257,20 +257,20 @@ async def build_server(
     settings: ServerSettings,
     registry: ModelRegistry,
     *,
+    metrics: MetricsObserver | None = None,
     metrics_port: int | None = None,
     state_on_device: bool | None = None,
 ) -> tuple[RnnserveServer, int]:
     """The server `rnnserve serve` runs: create_server plus metrics, auth, TLS, health port, hot
     reload and snapshots, as the settings say. Returns (server, port); call `await server.start()`.
 
-    Metrics are served when the registry's observer is a MetricsObserver: on
+    Metrics are served when `metrics` is given (the observer the registry was loaded with): on
     settings.metrics_port (0 there: no endpoint), or on `metrics_port` when given (0: a free
     port; see `server.metrics_endpoint.port`). Raises BindError (an address cannot be bound) and
     SecurityConfigError (a token or TLS file cannot be used).
     """
     tokens = load_tokens(settings)
     credentials = server_credentials(settings)
-    metrics = registry.observer if isinstance(registry.observer, MetricsObserver) else None
     interceptors: list[grpc.aio.ServerInterceptor] = []
     if metrics is not None:
         interceptors.append(metrics.interceptor())
@@ -323,10 +323,10 @@ def _describe(settings: ServerSettings, server: RnnserveServer, port: int) -> st
     return "; ".join(parts)
 
 
-async def serve(settings: ServerSettings, registry: ModelRegistry) -> int:
+async def serve(settings: ServerSettings, registry: ModelRegistry, metrics: MetricsObserver | None) -> int:
     """Serve until SIGINT or SIGTERM, then stop gracefully. Returns the exit status: 0, or 1 when
     the shutdown snapshot could not be saved."""
-    server, port = await build_server(settings, registry)
+    server, port = await build_server(settings, registry, metrics=metrics)
     await server.start()
     log.info("%s", _describe(settings, server, port))
     if len(registry) == 0:
@@ -360,12 +360,13 @@ def main(argv: Sequence[str] | None = None) -> int:
         server_credentials(settings)
         providers = resolve_providers(settings.device)  # fails here when CUDA is asked for and absent
         log.info("onnxruntime providers for --device %s: %s", settings.device, providers)
-        registry = load_repository(settings, MetricsObserver(), allow_empty=True)
+        metrics = MetricsObserver()
+        registry = load_repository(settings, metrics, allow_empty=True)
     except (SecurityConfigError, RepositoryError, EngineError) as error:
         log.error("%s", error)
         return 2
     try:
-        return asyncio.run(serve(settings, registry))
+        return asyncio.run(serve(settings, registry, metrics))
     except BindError as error:
         log.error("%s", error)
         return 1

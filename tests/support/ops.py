@@ -89,6 +89,7 @@ class OpsServer:
         server, port = await build_server(
             self.settings,
             self.registry,
+            metrics=self.metrics,
             metrics_port=0 if self.settings.metrics_port else None,
             state_on_device=self.state_on_device,
         )

@@ -103,8 +103,9 @@ def test_metrics_port_zero_disables_the_endpoint_and_a_taken_port_fails(model_re
 
     async def build(metrics_port: int) -> object:
         settings = ServerSettings(repository=model_repository, port=0, metrics_port=metrics_port)
-        registry = load_repository(settings, MetricsObserver(process_metrics=False))
-        server, _ = await build_server(settings, registry)
+        metrics = MetricsObserver(process_metrics=False)
+        registry = load_repository(settings, metrics)
+        server, _ = await build_server(settings, registry, metrics=metrics)
         endpoint = server.metrics_endpoint
         await server.stop(0)
         return endpoint
