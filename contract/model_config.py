@@ -38,4 +38,3 @@ class ModelShape(Protocol):
 def config_metadata(shape: ModelShape) -> dict[str, str]:
     """The metadata_props entries of a model's shape: {"arch": "lstm", "vocab_size": "84", ...}."""
     return {field: str(getattr(shape, field)) for field in CONFIG_METADATA_FIELDS}
-
