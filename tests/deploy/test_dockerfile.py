@@ -320,9 +320,17 @@ def test_mirror_fails_when_dockerignore_keeps_out_a_copied_file(tmp_path: Path) 
 
 
 def run_in(python: Path, code: str) -> subprocess.CompletedProcess[str]:
-    """Run `code` in the venv of `python`, from outside the source tree (so it imports what is installed)."""
+    """Run `code` in the venv of `python`, from outside the source tree and without PYTHONPATH, so
+    that it imports only what the venv has installed."""
+    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
     return subprocess.run(
-        [str(python), "-c", code], capture_output=True, text=True, check=False, timeout=120, cwd=python.parent
+        [str(python), "-c", code],
+        capture_output=True,
+        text=True,
+        check=False,
+        timeout=120,
+        cwd=python.parent,
+        env=environment,
     )
 
 
