@@ -25,6 +25,8 @@ from serving.observers import ServerObserver
 
 T = TypeVar("T")
 
+pytest_plugins = ["plugins.skip_summary"]  # the closing `skipped: ...` line
+
 # Every character the tiny models know: prompts in tests use only these.
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ,.!?\n"
 TINY_MODELS = {  # name -> (arch, num_layers)

@@ -13,7 +13,6 @@ import contextlib
 import importlib
 import importlib.util
 import io
-import os
 import re
 import sys
 from collections.abc import Mapping
@@ -27,13 +26,11 @@ import tomllib
 from serving.settings import ServerSettings, env_name, settings_from
 
 REPO_ROOT = Path(__file__).resolve().parent.parent
-# CI clones main with the steering repo's shared/ beside it; RNNSERVE_SHARED_DIR points
-# elsewhere for a checkout that has it in another place.
-COMPOSE_SCHEMA = (
-    Path(os.environ.get("RNNSERVE_SHARED_DIR", REPO_ROOT.parent / "shared")) / "schemas" / "compose-spec.json"
-)
+# The Compose Specification's JSON Schema, vendored (origin and licence in tests/data/README.md).
+COMPOSE_SCHEMA = REPO_ROOT / "tests" / "data" / "compose-spec.json"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+DOTENV = REPO_ROOT / ".env"
 NGINX_CONF = REPO_ROOT / "deploy" / "nginx" / "nginx.conf"
 PROMETHEUS_CONFIG = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"

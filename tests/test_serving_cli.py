@@ -147,3 +147,15 @@ def test_generate_without_a_server() -> None:
     )
     assert result.returncode == 1
     assert "cannot reach an rnnserve server at" in result.stderr
+
+
+def test_version_prints_the_package_version() -> None:
+    import tomllib
+
+    with (Path(__file__).resolve().parent.parent / "pyproject.toml").open("rb") as file:
+        expected = tomllib.load(file)["project"]["version"]
+    for flag in ("--version", "-V"):
+        result = rnnserve(flag)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"rnnserve {expected}\n"
+    assert "--version" in rnnserve("--help").stdout
