@@ -27,10 +27,10 @@ from deploy_support import (
     NGINX_CONF,
     PROMETHEUS_CONFIG,
     REPO_ROOT,
+    Dockerfile,
     assert_flags_exist,
     default_setting,
     image_environment,
-    load_deploy_module,
     nginx_seconds,
     nginx_values,
     project_version,
@@ -129,7 +129,7 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def stages() -> list[str]:
-    return list(load_deploy_module("mirror_docker_install").Dockerfile.read(DOCKERFILE).stage_names)
+    return Dockerfile.read(DOCKERFILE).stage_names
 
 
 def published_ports(service: Mapping[str, Any]) -> list[tuple[int | None, int]]:

@@ -165,3 +165,19 @@ def test_the_lock_reader(tmp_path: Path) -> None:
     assert lock.parents == {"a": {CONSTRAINTS, PROJECT}, "b-c": {"a"}}
     assert lock.left_out == {"torch"}
     assert re.fullmatch(r"\d+\.\d+", TARGET["python_version"])
+
+
+def test_ci_installs_the_versions_the_images_run(commands: dict[str, list[str]]) -> None:
+    """`make test` installs dev.txt, a superset of the image locks with the same pins, so the
+    tests run on what the serve and train images hold (serve-gpu differs only by onnxruntime-gpu
+    and its CUDA wheels)."""
+    dev = Lock.read(REQUIREMENTS / "dev.txt").pins
+    for name in ("serve", "train", "serve-gpu"):
+        lock = Lock.read(REQUIREMENTS / f"{name}.txt").pins
+        shared = {package: version for package, version in lock.items() if package in dev}
+        assert shared == {package: dev[package] for package in shared}, name
+        missing = set(lock) - set(dev)
+        if name == "serve-gpu":
+            assert all(package == "onnxruntime-gpu" or package.startswith("nvidia-") for package in missing)
+        else:
+            assert not missing, f"dev.txt lacks {sorted(missing)} of {name}.txt"
