@@ -15,7 +15,7 @@ PYTEST_ARGS ?=
 # then takes torch from its other configured sources).
 TORCH_INDEX_URL ?= https://download.pytorch.org/whl/cpu
 # The lock files (requirements/*.txt), from pyproject.toml's extras under constraints.txt.
-LOCK := $(BIN)/pip-compile --quiet --no-header --annotation-style=line --strip-extras \
+LOCK := CUSTOM_COMPILE_COMMAND="make lock" $(BIN)/pip-compile --quiet --annotation-style=line --strip-extras \
 	--no-emit-index-url --no-emit-find-links --no-emit-trusted-host --constraint=constraints.txt
 # sudo only where make does not run as root.
 SUDO := $(if $(filter 0,$(shell id -u)),,sudo)
