@@ -350,10 +350,12 @@ class Trainer:
             self.best_model.load_state_dict(self.model.state_dict())
         tokens_per_second = self.progress.tokens_seen / max(self.progress.train_seconds, 1e-9)
         train_text = "-" if train_loss is None else f"{train_loss:.3f}"
+        # Both budgets, so that a time-limited run does not read as a long way from its end.
+        time_budget = f" of {self.config.max_time:g}" if self.config.max_time else ""
         self.log(
             f"step {step}/{self.config.max_steps} | train {train_text} | val {loss:.4f} "
             f"(ppl {math.exp(min(loss, 700.0)):.2f}, {loss / math.log(2):.3f} bits/token) | "
-            f"{tokens_per_second:,.0f} tok/s | {self.progress.elapsed_seconds:.0f} s"
+            f"{tokens_per_second:,.0f} tok/s | {self.progress.elapsed_seconds:.0f}{time_budget} s"
         )
         return loss
 

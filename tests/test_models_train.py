@@ -145,7 +145,9 @@ def test_default_corpus_is_shakespeare(tmp_path: Path, arch: str) -> None:
     assert checkpoint_json(out)["metrics"]["val_tokens"] == training["validation_tokens"] - 1
 
 
-def test_time_budget_stops_training_and_ends_the_schedule(tmp_path: Path, corpus_file: Path) -> None:
+def test_time_budget_stops_training_and_ends_the_schedule(
+    tmp_path: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "ckpt"
     args = tiny_args(out, corpus_file, "gru", "--max-steps", "100000", "--max-time", "0.3")
     assert train.main(args) == 0
@@ -153,6 +155,7 @@ def test_time_budget_stops_training_and_ends_the_schedule(tmp_path: Path, corpus
     assert training["stop_reason"] == "max_time"
     assert 0 < training["last_step"] < 100000
     assert training["elapsed_seconds"] >= 0.3
+    assert " of 0.3 s" in capsys.readouterr().err  # the validation log shows the time budget
 
 
 def test_learning_rate_schedule() -> None:
