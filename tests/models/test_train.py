@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import io
 import json
 import math
 import signal
@@ -144,7 +145,9 @@ def test_default_corpus_is_shakespeare(tmp_path: Path, arch: str) -> None:
     assert checkpoint_json(out)["metrics"]["val_tokens"] == training["validation_tokens"] - 1
 
 
-def test_time_budget_stops_training_and_ends_the_schedule(tmp_path: Path, corpus_file: Path) -> None:
+def test_time_budget_stops_training_and_ends_the_schedule(
+    tmp_path: Path, corpus_file: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
     out = tmp_path / "ckpt"
     args = tiny_args(out, corpus_file, "gru", "--max-steps", "100000", "--max-time", "0.3")
     assert train.main(args) == 0
@@ -152,6 +155,7 @@ def test_time_budget_stops_training_and_ends_the_schedule(tmp_path: Path, corpus
     assert training["stop_reason"] == "max_time"
     assert 0 < training["last_step"] < 100000
     assert training["elapsed_seconds"] >= 0.3
+    assert " of 0.3 s" in capsys.readouterr().err  # the validation log shows the time budget
 
 
 def test_learning_rate_schedule() -> None:
@@ -300,3 +304,40 @@ def test_cuda_requested_without_a_gpu_is_a_clear_error(
 def test_arch_is_required_for_a_new_run(tmp_path: Path, capsys: pytest.CaptureFixture[str]) -> None:
     assert train.main(["--out", str(tmp_path / "ckpt")]) == train.EXIT_ERROR
     assert "--arch lstm|gru is required" in capsys.readouterr().err
+
+
+def render(bar: train.BudgetBar) -> str:
+    return str(bar.bar)
+
+
+def test_progress_bar_counts_seconds_under_a_time_limit() -> None:
+    config = TrainConfig(max_steps=50_000, max_time=105.0)
+    bar = train.BudgetBar(config, train.Progress(), disable=False, file=io.StringIO())
+    assert (bar.bar.total, bar.bar.n) == (105, 0)
+    bar.advance(step=40, elapsed=10.7)
+    bar.show(40, loss="2.500")
+    text = render(bar)
+    assert bar.bar.n == 10
+    assert "10/105 s" in text and "step=40/50000" in text and "loss=2.500" in text
+    assert "50000 " not in text.replace("40/50000", ""), text  # steps are not the bar's total
+    bar.advance(step=900, elapsed=400.0)  # the last step may end past the limit
+    assert bar.bar.n == 105
+    bar.close()
+
+
+def test_progress_bar_resumes_at_the_elapsed_time_and_counts_steps_without_a_limit() -> None:
+    resumed = train.BudgetBar(
+        TrainConfig(max_steps=500, max_time=60.0),
+        train.Progress(step=30, elapsed_seconds=20.4),
+        disable=False,
+        file=io.StringIO(),
+    )
+    assert (resumed.bar.total, resumed.bar.n) == (60, 20)
+    resumed.close()
+    by_steps = train.BudgetBar(
+        TrainConfig(max_steps=500), train.Progress(step=30), disable=False, file=io.StringIO()
+    )
+    assert (by_steps.bar.total, by_steps.bar.n) == (500, 30)
+    by_steps.advance(step=31, elapsed=1000.0)
+    assert by_steps.bar.n == 31 and "31/500" in render(by_steps)
+    by_steps.close()

@@ -187,3 +187,15 @@ def test_bench_is_reached_by_module_name(capsys: pytest.CaptureFixture[str]) -> 
         cli.main(["bench", "--help"])
     assert exited.value.code == 0
     assert "--scenarios" in capsys.readouterr().out
+
+
+def test_version_prints_the_package_version() -> None:
+    import tomllib
+
+    with (Path(__file__).resolve().parents[2] / "pyproject.toml").open("rb") as file:
+        expected = tomllib.load(file)["project"]["version"]
+    for flag in ("--version", "-V"):
+        result = rnnserve(flag)
+        assert result.returncode == 0, result.stderr
+        assert result.stdout == f"rnnserve {expected}\n"
+    assert "--version" in rnnserve("--help").stdout

@@ -13,11 +13,12 @@ import contextlib
 import importlib
 import importlib.util
 import io
-import os
+import json
 import re
+import shlex
 import sys
 from collections.abc import Mapping
-from dataclasses import fields
+from dataclasses import dataclass, field, fields
 from pathlib import Path
 from types import ModuleType
 from typing import Any
@@ -27,13 +28,11 @@ import tomllib
 from serving.settings import ServerSettings, env_name, settings_from
 
 REPO_ROOT = Path(__file__).resolve().parents[2]
-# CI clones main with the steering repo's shared/ beside it; RNNSERVE_SHARED_DIR points
-# elsewhere for a checkout that has it in another place.
-COMPOSE_SCHEMA = (
-    Path(os.environ.get("RNNSERVE_SHARED_DIR", REPO_ROOT.parent / "shared")) / "schemas" / "compose-spec.json"
-)
+# The Compose Specification's JSON Schema, vendored (origin and licence in tests/data/README.md).
+COMPOSE_SCHEMA = REPO_ROOT / "tests" / "data" / "compose-spec.json"
 DOCKERFILE = REPO_ROOT / "Dockerfile"
 COMPOSE_FILE = REPO_ROOT / "docker-compose.yml"
+DOTENV = REPO_ROOT / ".env"
 NGINX_CONF = REPO_ROOT / "deploy" / "nginx" / "nginx.conf"
 PROMETHEUS_CONFIG = REPO_ROOT / "deploy" / "prometheus" / "prometheus.yml"
 K8S_DIR = REPO_ROOT / "deploy" / "k8s"
@@ -124,14 +123,103 @@ def assert_flags_exist(argv: list[str], module: str) -> None:
     assert not unknown, f"{module} has no flags {sorted(unknown)} (used in {argv})"
 
 
+# --- the Dockerfile as data ------------------------------------------------------------------
+
+
+@dataclass(frozen=True)
+class Instruction:
+    keyword: str  # upper case: RUN, COPY, ENV, ...
+    value: str  # the arguments, continuation lines joined with single spaces
+
+    def exec_form(self) -> list[str]:
+        """The JSON array of an exec-form CMD, ENTRYPOINT or HEALTHCHECK CMD."""
+        text = self.value.split(" CMD ", 1)[1] if self.keyword == "HEALTHCHECK" else self.value
+        form = json.loads(text)
+        assert isinstance(form, list) and all(isinstance(item, str) for item in form), self.value
+        return form
+
+
+@dataclass
+class Stage:
+    name: str
+    base: str  # the FROM image or stage name, as written
+    instructions: list[Instruction] = field(default_factory=list)
+
+    def all(self, keyword: str) -> list[Instruction]:
+        return [item for item in self.instructions if item.keyword == keyword]
+
+
+@dataclass
+class Dockerfile:
+    """A Dockerfile's global ARGs and named stages (enough for the checks in tests/)."""
+
+    global_args: dict[str, str]
+    stages: list[Stage]
+
+    @classmethod
+    def read(cls, path: Path) -> Dockerfile:
+        text = re.sub(r"\\\n(\s*#[^\n]*\n)*", " ", path.read_text())  # continuations
+        global_args: dict[str, str] = {}
+        stages: list[Stage] = []
+        for raw in text.splitlines():
+            line = raw.strip()
+            if not line or line.startswith("#"):
+                continue
+            keyword, _, value = line.partition(" ")
+            keyword, value = keyword.upper(), " ".join(value.split())
+            if keyword == "FROM":
+                match = re.fullmatch(r"(\S+) AS (\S+)", value, flags=re.IGNORECASE)
+                assert match, f"every stage is named: FROM {value}"
+                stages.append(Stage(match.group(2), match.group(1)))
+            elif not stages:
+                assert keyword == "ARG", f"only ARG may come before the first FROM, not {keyword}"
+                name, _, default = value.partition("=")
+                global_args[name] = default
+            else:
+                stages[-1].instructions.append(Instruction(keyword, value))
+        return cls(global_args, stages)
+
+    @property
+    def stage_names(self) -> list[str]:
+        return [stage.name for stage in self.stages]
+
+    def stage(self, name: str) -> Stage:
+        (found,) = [stage for stage in self.stages if stage.name == name]
+        return found
+
+    def parent(self, stage: Stage) -> Stage | None:
+        """The stage that STAGE is built FROM, or None when it starts from an image."""
+        return self.stage(stage.base) if stage.base in self.stage_names else None
+
+    def lineage(self, target: str) -> list[Stage]:
+        """TARGET's stages from the one that starts from an image down to TARGET itself."""
+        chain = [self.stage(target)]
+        while (parent := self.parent(chain[0])) is not None:
+            chain.insert(0, parent)
+        return chain
+
+    def resolved_base(self, stage: Stage) -> str:
+        """The image a first stage starts from, its ${ARG} replaced by the global default."""
+        return re.sub(r"\$\{(\w+)\}", lambda match: self.global_args[match.group(1)], stage.base)
+
+
+def env_assignments(value: str) -> dict[str, str]:
+    """The KEY=VALUE pairs of an ENV instruction (quotes removed; no variables expanded)."""
+    pairs = {}
+    for word in shlex.split(value):
+        key, separator, item = word.partition("=")
+        assert separator, f"ENV {value!r}: use the KEY=VALUE form"
+        pairs[key] = item
+    return pairs
+
+
 def image_environment(target: str) -> dict[str, str]:
     """The ENV a Dockerfile target's containers start with (its lineage's ENV instructions)."""
-    mirror = load_deploy_module("mirror_docker_install")
-    dockerfile = mirror.Dockerfile.read(DOCKERFILE)
+    dockerfile = Dockerfile.read(DOCKERFILE)
     environment: dict[str, str] = {}
     for stage in dockerfile.lineage(target):
         for instruction in stage.all("ENV"):
-            environment.update(mirror.env_assignments(instruction.value))
+            environment.update(env_assignments(instruction.value))
     return environment
 
 
