@@ -1,11 +1,11 @@
 """The engine core process of `rnnserve serve --frontends N`: the models, every session, and the
 state stores, answering the front ends' calls over the IPC channel (serving.engine.messages).
 
-`EngineCore` reads every front end's messages from one ZeroMQ ROUTER socket, runs each call on
+`EngineCore` listens on a Unix socket, one connection per front end, runs each call on
 the in-process InferenceApi (serving.core.local.LocalEngine, so every rule of Runtime holds as in
 one process), and answers in batches: every answer ready in one event-loop iteration goes back to
-its front end in one message. The batchers run on their own threads as in one process; the
-event loop here does only this bookkeeping, none of the protocol work.
+its front end in one frame (serving.engine.messages). The batchers run on their own threads as in
+one process; the event loop here does only this bookkeeping, none of the protocol work.
 
 Signals (sent by the supervisor, serving.frontend.supervisor): SIGUSR1 drains (new sessions are
 refused with UNAVAILABLE; open ones go on) while the front ends finish their calls; SIGTERM then
@@ -17,14 +17,13 @@ from __future__ import annotations
 
 import asyncio
 import logging
+import os
+import pickle
 import signal
 from collections.abc import Sequence
 from typing import Any
 
-import zmq
-import zmq.asyncio
-
-from serving.core.errors import ServingError
+from serving.core.errors import InvalidArgumentError, ServingError
 from serving.core.interface import GenerationStream
 from serving.core.local import LocalEngine
 from serving.core.registry import ModelRegistry
@@ -41,129 +40,148 @@ log = logging.getLogger("rnnserve.engine")
 QUIET_WAIT_S = 5.0  # at shutdown: most time for steps in flight to finish
 
 
-class EngineCore:
-    """Serves an InferenceApi to the front ends connected to `address` (see the module docstring)."""
+class _FrontendProtocol(asyncio.Protocol):
+    """One front end's connection: its calls in, its answers out, one frame per loop iteration."""
 
-    def __init__(self, api: LocalEngine, address: str) -> None:
+    def __init__(self, core: EngineCore) -> None:
+        self.core = core
+        self.reader = messages.FrameReader()
+        self.transport: asyncio.Transport | None = None
+        self.outbox: list[tuple[int, int, Any]] = []
+        self.generations: dict[int, GenerationStream] = {}
+
+    def connection_made(self, transport: asyncio.BaseTransport) -> None:
+        assert isinstance(transport, asyncio.Transport)
+        self.transport = transport
+        self.core.peers.add(self)
+
+    def data_received(self, data: bytes) -> None:
+        try:
+            frames = self.reader.feed(data)
+        except (ValueError, pickle.UnpicklingError) as error:
+            log.error("closing a front end's connection that sent a bad frame: %s", error)
+            assert self.transport is not None
+            self.transport.abort()
+            return
+        for entries in frames:
+            self.core.frames_received += 1
+            self.core.calls_received += len(entries)
+            for number, method, args in entries:
+                self.core.dispatch(self, number, method, args)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.transport = None
+        self.core.peers.discard(self)
+        for generation in self.generations.values():
+            generation.cancel()  # its reader is gone
+        self.generations.clear()
+
+    def answer(self, number: int, kind: int, payload: Any) -> None:
+        if number == 0 or self.transport is None:
+            return
+        if not self.outbox:
+            asyncio.get_running_loop().call_soon(self.flush)
+        self.outbox.append((number, kind, payload))
+
+    def flush(self) -> None:
+        entries, self.outbox = self.outbox, []
+        if entries and self.transport is not None:
+            self.core.frames_sent += 1
+            self.transport.write(messages.encode_frame(entries))
+
+
+class EngineCore:
+    """Serves an InferenceApi to the front ends that connect to the Unix socket at `path`."""
+
+    def __init__(self, api: LocalEngine, path: str) -> None:
         self.api = api
-        self.address = address
-        self._context = zmq.asyncio.Context()
-        self._socket: zmq.asyncio.Socket | None = None
-        self._sender: zmq.Socket[bytes] | None = None  # the same socket, sending without a future
-        self._reader: asyncio.Task[None] | None = None
-        self._outbox: dict[bytes, list[tuple[int, int, bytes]]] = {}
+        self.path = path
+        self.peers: set[_FrontendProtocol] = set()
+        self._server: asyncio.AbstractServer | None = None
         self._tasks: set[asyncio.Task[None]] = set()
-        self._generations: dict[tuple[bytes, int], GenerationStream] = {}
         self.frames_received = 0
         self.calls_received = 0
+        self.frames_sent = 0
 
     async def start(self) -> None:
-        socket = self._context.socket(zmq.ROUTER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.bind(self.address)
-        self._socket = socket
-        self._sender = zmq.Socket.shadow(socket.underlying)
-        self._reader = asyncio.get_running_loop().create_task(self._read(socket), name="rnnserve-ipc")
+        if os.path.exists(self.path):
+            os.unlink(self.path)  # left by a core that was killed
+        loop = asyncio.get_running_loop()
+        self._server = await loop.create_unix_server(lambda: _FrontendProtocol(self), self.path)
 
     async def close(self) -> None:
-        if self._reader is not None:
-            self._reader.cancel()
-            await asyncio.gather(self._reader, return_exceptions=True)
-        for generation in self._generations.values():
-            generation.cancel()
+        if self._server is not None:
+            self._server.close()
+        for peer in list(self.peers):
+            if peer.transport is not None:
+                peer.transport.abort()
         for task in list(self._tasks):
             task.cancel()
         await asyncio.gather(*self._tasks, return_exceptions=True)
-        if self._socket is not None:
-            self._socket.close(linger=0)
-        self._context.term()
 
-    async def _read(self, socket: zmq.asyncio.Socket) -> None:
-        while True:
-            identity, frame = await socket.recv_multipart()
-            self.frames_received += 1
-            for number, method, raw in messages.decode_frame(frame):
-                self.calls_received += 1
-                self._dispatch(identity, number, method, raw)
-
-    def _answer(self, identity: bytes, number: int, kind: int, payload: bytes) -> None:
-        if number == 0:
-            return
-        if not self._outbox:
-            asyncio.get_running_loop().call_soon(self._flush)
-        self._outbox.setdefault(identity, []).append((number, kind, payload))
-
-    def _flush(self) -> None:
-        outbox, self._outbox = self._outbox, {}
-        assert self._sender is not None
-        for identity, entries in outbox.items():
-            try:
-                self._sender.send_multipart([identity, messages.encode_frame(entries)], zmq.NOBLOCK)
-            except zmq.ZMQError as error:  # a front end that went away: its answers have no reader
-                log.debug("answers for a front end dropped: %s", error)
-
-    def _dispatch(self, identity: bytes, number: int, method: str, raw: Any) -> None:
-        try:
-            args = messages.decode_args(method, raw)
-        except ServingError as error:
-            self._answer(identity, number, ERROR, messages.error_payload(error))
-            return
+    def dispatch(self, peer: _FrontendProtocol, number: int, method: str, args: Any) -> None:
         if method == "ping":
-            self._answer(identity, number, RESULT, messages.encode(None))
+            peer.answer(number, RESULT, None)
         elif method == "cancel":
-            generation = self._generations.pop((identity, args[0]), None)
+            generation = peer.generations.pop(args[0], None)
             if generation is not None:
                 generation.cancel()
         elif method == "generate":
-            self._spawn(self._generate(identity, number, args))
+            self._spawn(self._generate(peer, number, args))
+        elif method in messages.METHODS:
+            self._spawn(self._run(peer, number, method, args))
         else:
-            self._spawn(self._run(identity, number, method, args))
+            error = InvalidArgumentError(
+                f"the engine core has no method {method!r}; methods: {sorted(messages.METHODS)}"
+            )
+            peer.answer(number, ERROR, messages.error_payload(error))
 
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
         task.add_done_callback(self._tasks.discard)
 
-    async def _run(self, identity: bytes, number: int, method: str, args: Sequence[Any]) -> None:
+    async def _run(self, peer: _FrontendProtocol, number: int, method: str, args: Sequence[Any]) -> None:
         try:
             result = await getattr(self.api, method)(*args)
         except ServingError as error:
-            self._answer(identity, number, ERROR, messages.error_payload(error))
+            peer.answer(number, ERROR, messages.error_payload(error))
         except Exception as error:
             log.exception("%s failed in the engine core", method)
-            self._answer(
-                identity, number, ERROR, messages.error_payload(ServingError(f"{method} failed: {error}"))
-            )
+            failure = ServingError(f"{method} failed in the engine core: {error}")
+            peer.answer(number, ERROR, messages.error_payload(failure))
         else:
-            self._answer(identity, number, RESULT, messages.encode(result))
+            peer.answer(number, RESULT, result)
 
-    async def _generate(self, identity: bytes, number: int, args: Sequence[Any]) -> None:
+    async def _generate(self, peer: _FrontendProtocol, number: int, args: Sequence[Any]) -> None:
         try:
             generation = await self.api.generate(*args)
         except ServingError as error:
-            self._answer(identity, number, ERROR, messages.error_payload(error))
+            peer.answer(number, ERROR, messages.error_payload(error))
             return
-        key = (identity, number)
-        self._generations[key] = generation
-        start = GenerationStart(generation.session_id, generation.model, generation.version)
-        self._answer(identity, number, RESULT, messages.encode(start))
+        peer.generations[number] = generation
+        peer.answer(
+            number, RESULT, GenerationStart(generation.session_id, generation.model, generation.version)
+        )
         try:
             async for chunk in generation.chunks():
-                self._answer(identity, number, CHUNK, messages.encode(chunk))
+                peer.answer(number, CHUNK, chunk)
         except ServingError as error:
-            self._answer(identity, number, ERROR, messages.error_payload(error))
+            peer.answer(number, ERROR, messages.error_payload(error))
         finally:
-            self._generations.pop(key, None)
+            peer.generations.pop(number, None)
             generation.cancel()
 
 
 async def run_engine_core(
-    settings: ServerSettings, registry: ModelRegistry, address: str, state_on_device: bool | None = None
+    settings: ServerSettings, registry: ModelRegistry, path: str, state_on_device: bool | None = None
 ) -> int:
-    """Serve the engine core on `address` until SIGTERM (see the module docstring); the exit status."""
+    """Serve the engine core on the Unix socket `path` until SIGTERM (see the module docstring).
+
+    Returns the exit status: 0, or 1 when the shutdown snapshot could not be saved."""
     runtime = Runtime(settings, registry)
     runtime.recovery = recovery_for(settings, runtime.sessions, runtime.observer)
-    core = EngineCore(LocalEngine(runtime), address)
+    core = EngineCore(LocalEngine(runtime), path)
     runtime.start()
     snapshots = None
     if settings.state_snapshot is not None:
@@ -183,7 +201,7 @@ async def run_engine_core(
     if snapshots is not None and settings.snapshot_interval_s > 0:
         periodic = loop.create_task(snapshots.run_periodic(settings.snapshot_interval_s))
     await core.start()
-    log.info("engine core serving %s on %s", ", ".join(registry.names()) or "no model yet", address)
+    log.info("engine core serving %s on %s", ", ".join(registry.names()) or "no model yet", path)
     stopping = asyncio.Event()
 
     def drain() -> None:

@@ -1,28 +1,26 @@
 """`RemoteRuntime`: the InferenceApi of a front-end process, answered by the engine core over IPC.
 
-Calls made during one event-loop iteration leave in one ZeroMQ message (the flush runs at the end
-of the iteration, with `call_soon`, so a lone call waits for no timer and a busy loop sends one
-message per iteration, not one per call). Answers come back in batches likewise.
+Calls made during one event-loop iteration leave in one frame (the flush runs at the end of the
+iteration, with `call_soon`, so a lone call waits for no timer and a busy loop writes one frame
+per iteration, not one per call). Answers come back in batches likewise (serving.engine.messages).
 
-The engine core may die: the connection pings it every `heartbeat_s`; when nothing has come back
-for `lost_after_s`, every call in flight fails with UNAVAILABLE, the socket is replaced (calls
-queued for the dead core are dropped, so none runs later on a restarted core) and new calls fail
-at once with UNAVAILABLE until the core answers again. Clients resume their sessions by id.
+The engine core may die. Its socket then closes: every call in flight fails at once with
+UNAVAILABLE, and so does every new call until the connection is back (the heartbeat reconnects
+every `heartbeat_s`). A core that stops answering without closing (hung) is treated the same
+once a ping has waited `lost_after_s`. A call is never sent twice, so none runs later on a
+restarted core; clients resume their sessions by id.
 """
 
 from __future__ import annotations
 
 import asyncio
+import dataclasses
 import itertools
 import logging
 import time
 from collections.abc import AsyncIterator, Sequence
-from dataclasses import dataclass, field
+from dataclasses import dataclass
 from typing import Any
-
-import msgspec
-import zmq
-import zmq.asyncio
 
 from serving.core.errors import ServingError, UnavailableError
 from serving.core.interface import (
@@ -45,64 +43,70 @@ class _Call:
     method: str
     future: asyncio.Future[Any]
     chunks: asyncio.Queue[GeneratedChunk | ServingError] | None = None  # a Generate's tokens
+    number: int = 0
 
 
-@dataclass
+class _CoreProtocol(asyncio.Protocol):
+    def __init__(self, connection: EngineConnection) -> None:
+        self.connection = connection
+        self.reader = messages.FrameReader()
+
+    def data_received(self, data: bytes) -> None:
+        for entries in self.reader.feed(data):
+            self.connection._received(entries)
+
+    def connection_lost(self, exc: Exception | None) -> None:
+        self.connection._disconnected(self)
+
+
 class EngineConnection:
     """The front end's end of the IPC channel: numbered calls, batched per loop iteration."""
 
-    address: str
-    heartbeat_s: float = 0.25
-    lost_after_s: float = 1.5
-    _context: zmq.asyncio.Context = field(default_factory=zmq.asyncio.Context)
-    _socket: zmq.asyncio.Socket | None = None
-    _sender: zmq.Socket[bytes] | None = None  # the same socket, sending without a future
-    _calls: dict[int, _Call] = field(default_factory=dict)
-    _outbox: list[tuple[int, str, bytes]] = field(default_factory=list)
-    _numbers: itertools.count[int] = field(default_factory=lambda: itertools.count(1))
-    _tasks: list[asyncio.Task[None]] = field(default_factory=list)
-    _reader: asyncio.Task[None] | None = None
-    _last_heard: float = 0.0
-    _lost: bool = False
-    frames_sent: int = 0  # messages sent (each carries one or more calls)
-    calls_sent: int = 0
+    def __init__(self, path: str, heartbeat_s: float = 0.25, lost_after_s: float = 2.0) -> None:
+        self.path = path
+        self.heartbeat_s = heartbeat_s
+        self.lost_after_s = lost_after_s
+        self._transport: asyncio.Transport | None = None
+        self._protocol: _CoreProtocol | None = None
+        self._calls: dict[int, _Call] = {}
+        self._outbox: list[tuple[int, str, tuple[Any, ...]]] = []
+        self._numbers = itertools.count(1)
+        self._heartbeat_task: asyncio.Task[None] | None = None
+        self._ping_sent: float | None = None  # when the unanswered ping left
+        self._closing = False
+        self.frames_sent = 0  # frames written (each carries one or more calls)
+        self.calls_sent = 0
 
     async def start(self, wait_s: float = 0.0) -> None:
-        """Connect and start the heartbeat; wait up to `wait_s` for the core's first answer."""
-        self._last_heard = time.monotonic()
-        self._connect()
-        self._tasks.append(asyncio.get_running_loop().create_task(self._heartbeat()))
+        """Connect (retrying for up to `wait_s` while the core starts) and start the heartbeat."""
         deadline = time.monotonic() + wait_s
-        while time.monotonic() < deadline:
-            call = self.submit("ping", ())
-            try:
-                await asyncio.wait_for(asyncio.shield(call.future), 0.1)
-                return
-            except (asyncio.TimeoutError, UnavailableError):
-                await asyncio.sleep(0.02)
+        while not await self._connect() and time.monotonic() < deadline:
+            await asyncio.sleep(0.05)
+        self._heartbeat_task = asyncio.get_running_loop().create_task(self._heartbeat())
 
-    def _connect(self) -> None:
-        socket = self._context.socket(zmq.DEALER)
-        socket.setsockopt(zmq.LINGER, 0)
-        socket.setsockopt(zmq.IMMEDIATE, 1)  # queue nothing for a core that is not connected
-        socket.connect(self.address)
-        self._socket = socket
-        self._sender = zmq.Socket.shadow(socket.underlying)
-        self._reader = asyncio.get_running_loop().create_task(self._read(socket))
+    async def _connect(self) -> bool:
+        loop = asyncio.get_running_loop()
+        try:
+            transport, protocol = await loop.create_unix_connection(lambda: _CoreProtocol(self), self.path)
+        except OSError:
+            return False
+        self._transport, self._protocol = transport, protocol
+        self._ping_sent = None
+        log.info("connected to the engine core at %s", self.path)
+        return True
 
     async def close(self) -> None:
-        for task in [*self._tasks, *([self._reader] if self._reader else [])]:
-            task.cancel()
-        await asyncio.gather(*self._tasks, *([self._reader] if self._reader else []), return_exceptions=True)
-        if self._socket is not None:
-            self._socket.close(linger=0)
+        self._closing = True
+        if self._heartbeat_task is not None:
+            self._heartbeat_task.cancel()
+            await asyncio.gather(self._heartbeat_task, return_exceptions=True)
+        if self._transport is not None:
+            self._transport.close()
         self._fail_all(UnavailableError("the front end is shutting down"))
-        self._context.term()
 
     @property
     def connected(self) -> bool:
-        """False while the engine core is not answering (see the module docstring)."""
-        return not self._lost
+        return self._transport is not None
 
     def _unavailable(self) -> UnavailableError:
         return UnavailableError(
@@ -110,72 +114,65 @@ class EngineConnection:
         )
 
     def submit(self, method: str, args: tuple[Any, ...], stream: bool = False) -> _Call:
-        """Queue a call for this iteration's message; its answer settles the returned call's future."""
+        """Queue a call for this iteration's frame; its answer settles the returned call's future."""
         future: asyncio.Future[Any] = asyncio.get_running_loop().create_future()
         call = _Call(method, future, asyncio.Queue() if stream else None)
-        if self._lost:
+        if self._transport is None:
             future.set_exception(self._unavailable())
             return call
-        number = next(self._numbers)
-        self._calls[number] = call
-        self._queue(number, method, args)
+        call.number = next(self._numbers)
+        self._calls[call.number] = call
+        self._queue(call.number, method, args)
         return call
 
     def notify(self, method: str, args: tuple[Any, ...]) -> None:
         """Send a call that has no answer (e.g. cancel)."""
-        if not self._lost:
+        if self._transport is not None:
             self._queue(0, method, args)
+
+    def forget(self, call: _Call) -> None:
+        """Stop delivering to a call whose caller went away."""
+        self._calls.pop(call.number, None)
 
     def _queue(self, number: int, method: str, args: tuple[Any, ...]) -> None:
         if not self._outbox:
             asyncio.get_running_loop().call_soon(self._flush)
-        self._outbox.append((number, method, messages.encode(args)))
+        self._outbox.append((number, method, args))
 
     def _flush(self) -> None:
         entries, self._outbox = self._outbox, []
-        if not entries or self._sender is None:
+        if not entries:
+            return
+        if self._transport is None:  # lost since the calls were queued: they failed already
             return
         self.frames_sent += 1
         self.calls_sent += len(entries)
-        try:
-            self._sender.send(messages.encode_frame(entries), zmq.NOBLOCK)
-        except zmq.Again:
-            # No core connected (IMMEDIATE): these calls cannot be delivered.
-            for number, _, _ in entries:
-                self._settle_error(number, self._unavailable())
+        self._transport.write(messages.encode_frame(entries))
 
-    async def _read(self, socket: zmq.asyncio.Socket) -> None:
-        while True:
-            frame = await socket.recv()
-            self._last_heard = time.monotonic()
-            if self._lost:
-                log.info("the engine core answers again")
-                self._lost = False
-            for number, kind, payload in messages.decode_frame(frame):
-                self._deliver(number, kind, payload)
-
-    def _deliver(self, number: int, kind: int, payload: msgspec.Raw) -> None:
-        call = self._calls.get(number)
-        if call is None:
-            return  # a call already failed (the core was lost) or a ping's answer
-        if kind == RESULT:
-            if call.chunks is None:
-                del self._calls[number]
-            if not call.future.done():
-                call.future.set_result(messages.decode_result(call.method, payload))
-        elif kind == CHUNK:
-            chunk = messages.decode_chunk(payload)
-            assert call.chunks is not None, "chunks answer a Generate"
-            call.chunks.put_nowait(chunk)
-            if chunk.finish_reason:
-                del self._calls[number]
-        elif kind == ERROR:
-            self._settle_error(number, messages.decode_error(payload))
+    def _received(self, entries: list[tuple[int, int, Any]]) -> None:
+        self._ping_sent = None  # any answer shows the core is alive
+        calls = self._calls
+        for number, kind, payload in entries:
+            call = calls.get(number)
+            if call is None:
+                continue  # a call whose caller went away, or a ping
+            if kind == RESULT:
+                if call.chunks is None:
+                    del calls[number]
+                if not call.future.done():
+                    call.future.set_result(payload)
+            elif kind == CHUNK:
+                assert call.chunks is not None, "chunks answer a Generate"
+                call.chunks.put_nowait(payload)
+                if payload.finish_reason:
+                    del calls[number]
+            elif kind == ERROR:
+                self._settle_error(number, messages.decode_error(payload))
 
     def _settle_error(self, number: int, error: ServingError) -> None:
         call = self._calls.pop(number, None)
-        if call is None or call.method == "ping":
-            return  # nobody waits for a heartbeat's answer
+        if call is None:
+            return
         if not call.future.done():
             call.future.set_exception(error)
         elif call.chunks is not None:
@@ -185,40 +182,29 @@ class EngineConnection:
         for number in list(self._calls):
             self._settle_error(number, error)
 
-    def forget(self, number_of: _Call) -> None:
-        """Stop delivering to a call whose caller went away."""
-        for number, call in list(self._calls.items()):
-            if call is number_of:
-                del self._calls[number]
-
-    def number(self, of: _Call) -> int:
-        return next((number for number, call in self._calls.items() if call is of), 0)
+    def _disconnected(self, protocol: _CoreProtocol) -> None:
+        if protocol is not self._protocol:
+            return
+        self._transport = self._protocol = None
+        self._outbox.clear()
+        if not self._closing:
+            log.warning("lost the engine core: failing its %d calls in flight", len(self._calls))
+        self._fail_all(self._unavailable())
 
     async def _heartbeat(self) -> None:
         while True:
             await asyncio.sleep(self.heartbeat_s)
-            if time.monotonic() - self._last_heard > self.lost_after_s and not self._lost:
-                log.warning(
-                    "the engine core has not answered for %.1f s: failing its calls", self.lost_after_s
-                )
-                self._lost = True
-                self._fail_all(self._unavailable())
-                if self._reader is not None:
-                    self._reader.cancel()
-                if self._socket is not None:
-                    self._socket.close(linger=0)
-                self._outbox.clear()
-                self._connect()
-            # The ping goes even while lost: its answer shows that a (restarted) core is back.
-            number = next(self._numbers)
-            self._calls[number] = _Call("ping", asyncio.get_running_loop().create_future())
-            self._queue(number, "ping", ())
-            self._drop_old_pings(number)
-
-    def _drop_old_pings(self, newest: int) -> None:
-        for number, call in list(self._calls.items()):
-            if call.method == "ping" and number != newest:
-                del self._calls[number]
+            if self._transport is None:
+                await self._connect()
+                continue
+            now = time.monotonic()
+            if self._ping_sent is not None and now - self._ping_sent > self.lost_after_s:
+                log.warning("the engine core has not answered for %.1f s", now - self._ping_sent)
+                self._transport.abort()  # -> _disconnected
+                continue
+            if self._ping_sent is None:
+                self._ping_sent = now
+                self._queue(messages.PING_CALL, "ping", ())
 
 
 class RemoteGeneration:
@@ -227,7 +213,6 @@ class RemoteGeneration:
     def __init__(self, connection: EngineConnection, call: _Call, start: GenerationStart) -> None:
         self._connection = connection
         self._call = call
-        self._number = connection.number(call)
         self._finished = False
         self.session_id = start.session_id
         self.model = start.model
@@ -251,7 +236,7 @@ class RemoteGeneration:
             return
         self._finished = True
         self._connection.forget(self._call)
-        self._connection.notify("cancel", (self._number,))
+        self._connection.notify("cancel", (self._call.number,))
 
 
 class RemoteRuntime:
@@ -305,14 +290,16 @@ class RemoteRuntime:
         await self._call("release", ref, ended)
 
     async def generate(self, fields: GenerateRequestFields, owner: str | None) -> RemoteGeneration:
+        # Protobuf containers become lists: only plain values cross.
+        fields = dataclasses.replace(
+            fields, prompt_tokens=list(fields.prompt_tokens), stop_tokens=list(fields.stop_tokens)
+        )
         call = self.connection.submit("generate", (fields, owner), stream=True)
         try:
             start: GenerationStart = await call.future
         except asyncio.CancelledError:
-            number = self.connection.number(call)
             self.connection.forget(call)
-            if number:
-                self.connection.notify("cancel", (number,))
+            self.connection.notify("cancel", (call.number,))
             raise
         return RemoteGeneration(self.connection, call, start)
 

@@ -33,7 +33,7 @@ def with_pair(repository: Path, tmp_path: Path, body: Callable[[Pair], Awaitable
         runtime = Runtime(settings, load_repository(settings))
         runtime.start()
         local = LocalEngine(runtime)
-        address = f"ipc://{tmp_path}/engine.sock"
+        address = f"{tmp_path}/engine.sock"
         core = EngineCore(local, address)
         await core.start()
         connection = EngineConnection(address, heartbeat_s=0.05, lost_after_s=0.3)
