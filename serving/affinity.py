@@ -24,7 +24,7 @@ import re
 import secrets
 from collections.abc import Iterable
 
-from serving.errors import InvalidArgumentError
+from serving.errors import InvalidArgumentError, Reason
 
 SESSION_ID_KEY = "x-session-id"  # gRPC metadata keys are lower case
 _SESSION_ID = re.compile(r"[0-9a-f]{32}")
@@ -69,7 +69,8 @@ def proposed_session_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> s
         shown = proposed if len(proposed) <= 64 else proposed[:64] + "…"
         raise InvalidArgumentError(
             f"{SESSION_ID_KEY} metadata {shown!r} cannot be a new session's id: it must be 32 "
-            f"lower-case hex characters (128 random bits), or left out to let the server choose"
+            f"lower-case hex characters (128 random bits), or left out to let the server choose",
+            Reason.INVALID_SESSION_ID,
         )
     return proposed
 
@@ -83,5 +84,6 @@ def check_affinity(metadata: Iterable[tuple[str, str | bytes]] | None, session_i
     if routed_by is not None and routed_by != session_id:
         raise InvalidArgumentError(
             f"{SESSION_ID_KEY} metadata {routed_by[:64]!r} differs from the request's session id "
-            f"{session_id[:64]!r}; send the session's own id (load balancers route by the metadata)"
+            f"{session_id[:64]!r}; send the session's own id (load balancers route by the metadata)",
+            Reason.SESSION_ID_MISMATCH,
         )

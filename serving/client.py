@@ -38,7 +38,9 @@ from types import TracebackType
 from typing import Any
 
 import grpc
+from google.rpc import error_details_pb2
 from grpc_health.v1 import health_pb2, health_pb2_grpc
+from grpc_status import rpc_status
 
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
@@ -104,6 +106,22 @@ def _read(path: Path | None, flag: str) -> bytes | None:
         return path.read_bytes()
     except OSError as error:
         raise ConnectionConfigError(f"{flag} {path} cannot be read: {error}") from None
+
+
+def error_info(error: grpc.RpcError) -> error_details_pb2.ErrorInfo | None:
+    """The ErrorInfo of a failed call (its `reason` names the case, e.g. "SESSION_EXPIRED"; see
+    serving.errors.Reason), or None for a status without one (e.g. from a proxy or grpc itself)."""
+    try:
+        status = rpc_status.from_call(error)  # type: ignore[arg-type]
+    except ValueError:  # details that contradict the status code or message: not ours
+        return None
+    if status is None:
+        return None
+    for detail in status.details:
+        info = error_details_pb2.ErrorInfo()
+        if detail.Unpack(info):
+            return info
+    return None
 
 
 def bearer_metadata(token: str) -> tuple[tuple[str, str], ...]:

@@ -20,7 +20,7 @@ from dataclasses import dataclass
 import numpy as np
 
 from serving.engine import ORT_ERRORS, Engine, EngineError, EngineOptions, load_engine
-from serving.errors import NotFoundError
+from serving.errors import NotFoundError, Reason
 from serving.observers import ServerObserver
 from serving.repository import (
     ModelManifest,
@@ -213,7 +213,11 @@ class ModelRegistry:
         return next((m for m in self.versions(name) if not m.retired), None)
 
     def _missing_model(self, name: str) -> NotFoundError:
-        return NotFoundError(f"model {name!r} is not served; models: {self.names() or 'none'}")
+        return NotFoundError(
+            f"model {name!r} is not served; models: {self.names() or 'none'}",
+            Reason.MODEL_NOT_FOUND,
+            model=name,
+        )
 
     def describe(self, name: str, version: int = 0) -> LoadedModel:
         """A loaded version for the catalogue (retired ones too); 0 = the latest."""
@@ -225,7 +229,12 @@ class ModelRegistry:
         model = self._models[name].get(version)
         if model is None:
             loaded = [m.version for m in self.versions(name)]
-            raise NotFoundError(f"model {name!r} has no loaded version {version}; loaded versions: {loaded}")
+            raise NotFoundError(
+                f"model {name!r} has no loaded version {version}; loaded versions: {loaded}",
+                Reason.VERSION_NOT_FOUND,
+                model=name,
+                version=version,
+            )
         return model
 
     def resolve(self, name: str, version: int = 0) -> LoadedModel:
@@ -242,7 +251,10 @@ class ModelRegistry:
         if model is None:
             raise NotFoundError(
                 f"model {name!r} has no version {version} open to new sessions; "
-                f"versions open to new sessions: {open_versions or 'none'} (0 = latest)"
+                f"versions open to new sessions: {open_versions or 'none'} (0 = latest)",
+                Reason.VERSION_NOT_FOUND,
+                model=name,
+                version=version,
             )
         return model
 

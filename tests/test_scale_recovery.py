@@ -306,7 +306,7 @@ def test_a_client_proposes_the_ids_of_the_sessions_it_opens(
                     pb.CreateSessionRequest(model=MODEL), metadata=((SESSION_ID_KEY, proposed),)
                 )
             )
-            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, "an open session's id is taken"
+            assert error.code() == grpc.StatusCode.ALREADY_EXISTS, "an open session's id is taken"
             error = await rpc_error(
                 client.stub.Step(
                     pb.StepRequest(session_id=proposed, tokens=[1]),
@@ -322,7 +322,7 @@ def test_a_client_proposes_the_ids_of_the_sessions_it_opens(
                     pb.CreateSessionRequest(model=MODEL), metadata=((SESSION_ID_KEY, proposed),)
                 )
             )
-            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.code() == grpc.StatusCode.ALREADY_EXISTS
             assert "taken by another session" in (error.details() or "")
         assert second.on_loop(len, second.runtime.sessions) == 0
 
