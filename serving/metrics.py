@@ -15,10 +15,18 @@ are added under one lock (serving.metrics_batches; about 15 µs for a 64-row bat
 and cached, and no label carries per-request values (session ids, tokens, paths). Every hook is
 thread-safe, so batch hooks may run on the models' worker threads.
 
-Metric names (all prefixed rnnserve_):
-    grpc_requests_started_total{service,method}, grpc_requests_total{service,method,code},
-    grpc_requests_in_flight{service,method}, grpc_request_seconds{service,method}
-        (from RequestMetricsInterceptor; a stream's seconds span the whole call)
+gRPC metrics, from RequestMetricsInterceptor, under the names and labels go-grpc-prometheus and
+py-grpc-prometheus use, so that existing dashboards and alerts work unchanged (calls in flight
+are started minus handled):
+    grpc_server_started_total{grpc_type,grpc_service,grpc_method}
+    grpc_server_handled_total{grpc_type,grpc_service,grpc_method,grpc_code}
+    grpc_server_handling_seconds{grpc_type,grpc_service,grpc_method} (histogram; a stream's
+        seconds span the whole call)
+    grpc_server_msg_received_total{grpc_type,grpc_service,grpc_method}
+    grpc_server_msg_sent_total{grpc_type,grpc_service,grpc_method}
+grpc_type is unary, client_stream, server_stream or bidi_stream.
+
+Domain metrics (all prefixed rnnserve_):
     tokens_in_total{model}, tokens_out_total{model}
     sessions_active{model,version}, sessions_opened_total{model},
     sessions_ended_total{model,reason} (closed, expired, evicted), sessions_restored_total{model,source}
@@ -70,6 +78,14 @@ STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.0
 # A call cancelled this close to its deadline is counted as DEADLINE_EXCEEDED (see _status).
 DEADLINE_SLACK_S = 0.25
 UNKNOWN_METHOD = ("unknown", "unknown")  # labels of calls to methods the server does not have
+# (request streaming, response streaming) -> grpc_type, as go-grpc-prometheus names them
+GRPC_TYPES = {
+    (False, False): "unary",
+    (True, False): "client_stream",
+    (False, True): "server_stream",
+    (True, True): "bidi_stream",
+}
+UNKNOWN_TYPE = "unknown"  # a method the server does not have: its kind is unknown too
 
 
 @dataclass(frozen=True)
@@ -84,25 +100,25 @@ class _ModelSeries:
 
 @dataclass(frozen=True)
 class _RpcSeries:
+    """One RPC's label children, bound once."""
+
     started: Any
-    in_flight: Any
     seconds: Any
+    received: Any  # request messages the handler took
+    sent: Any  # response messages the handler gave
     handled: Counter  # the parent; its children by code are cached in `codes`
-    service: str
-    method: str
+    labels: tuple[str, str, str]  # grpc_type, grpc_service, grpc_method
     codes: dict[grpc.StatusCode, Any] = field(default_factory=dict)
 
     def begin(self) -> float:
         self.started.inc()
-        self.in_flight.inc()
         return time.perf_counter()
 
     def finish(self, code: grpc.StatusCode, started: float) -> None:
-        self.in_flight.dec()
         self.seconds.observe(time.perf_counter() - started)
         child = self.codes.get(code)
         if child is None:
-            child = self.codes[code] = self.handled.labels(self.service, self.method, code.name)
+            child = self.codes[code] = self.handled.labels(*self.labels, code.name)
         child.inc()
 
 
@@ -122,7 +138,7 @@ class MetricsObserver(ServerObserver):
             GCCollector(registry=self.registry)
         self._lock = threading.Lock()
         self._models: dict[str, _ModelSeries] = {}
-        self._rpcs: dict[str, _RpcSeries] = {}
+        self._rpcs: dict[tuple[str, str], _RpcSeries] = {}
         self._loaded: dict[str, set[int]] = {}  # model -> loaded versions (reload detection)
         self._providers: dict[tuple[str, int], tuple[str, str]] = {}  # (model, version) -> labels
 
@@ -135,15 +151,34 @@ class MetricsObserver(ServerObserver):
         def histogram(name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]) -> Histogram:
             return Histogram(f"{PREFIX}_{name}", doc, labels, registry=self.registry, buckets=buckets)
 
-        rpc = ("service", "method")
-        self.requests_started = counter("grpc_requests_started", "gRPC calls started", rpc)
-        self.requests = counter("grpc_requests", "gRPC calls finished, by status code", (*rpc, "code"))
-        self.requests_in_flight = gauge("grpc_requests_in_flight", "gRPC calls running now", rpc)
-        self.request_seconds = histogram(
-            "grpc_request_seconds",
-            "gRPC call duration (a stream's spans the whole call)",
+        rpc = ("grpc_type", "grpc_service", "grpc_method")
+        self.rpcs_started = Counter(
+            "grpc_server_started_total", "RPCs started on the server", rpc, registry=self.registry
+        )
+        self.rpcs_handled = Counter(
+            "grpc_server_handled_total",
+            "RPCs completed on the server, regardless of success or failure",
+            (*rpc, "grpc_code"),
+            registry=self.registry,
+        )
+        self.rpc_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Response latency of RPCs handled by the server (a stream's spans the whole call)",
             rpc,
-            REQUEST_BUCKETS,
+            registry=self.registry,
+            buckets=REQUEST_BUCKETS,
+        )
+        self.rpc_received = Counter(
+            "grpc_server_msg_received_total",
+            "RPC stream messages received on the server",
+            rpc,
+            registry=self.registry,
+        )
+        self.rpc_sent = Counter(
+            "grpc_server_msg_sent_total",
+            "gRPC stream messages sent by the server",
+            rpc,
+            registry=self.registry,
         )
         self.tokens_in = counter(
             "tokens_in", "Tokens consumed by the model (chunks, steps, prompts)", ("model",)
@@ -211,28 +246,29 @@ class MetricsObserver(ServerObserver):
                     self._models[model] = series
         return series
 
-    def rpc(self, full_method: str | None) -> _RpcSeries:
-        """The series of one RPC ("/package.Service/Method"); None: a method the server lacks."""
-        key = full_method or ""
+    def rpc(self, full_method: str | None, grpc_type: str = UNKNOWN_TYPE) -> _RpcSeries:
+        """The series of one RPC ("/package.Service/Method") of a kind (GRPC_TYPES); None: a
+        method the server lacks."""
+        key = (full_method or "", grpc_type)
         series = self._rpcs.get(key)
         if series is None:
-            service, method = _split_method(full_method)
+            labels = (grpc_type, *_split_method(full_method))
             with self._lock:
                 series = self._rpcs.get(key)
                 if series is None:
                     series = _RpcSeries(
-                        started=self.requests_started.labels(service, method),
-                        in_flight=self.requests_in_flight.labels(service, method),
-                        seconds=self.request_seconds.labels(service, method),
-                        handled=self.requests,
-                        service=service,
-                        method=method,
+                        started=self.rpcs_started.labels(*labels),
+                        seconds=self.rpc_seconds.labels(*labels),
+                        received=self.rpc_received.labels(*labels),
+                        sent=self.rpc_sent.labels(*labels),
+                        handled=self.rpcs_handled,
+                        labels=labels,
                     )
                     self._rpcs[key] = series
         return series
 
     def interceptor(self) -> RequestMetricsInterceptor:
-        """A grpc.aio server interceptor feeding the grpc_requests_* metrics of this observer."""
+        """A grpc.aio server interceptor feeding the grpc_server_* metrics of this observer."""
         return RequestMetricsInterceptor(self)
 
     # ----- ServerObserver hooks: worker threads ---------------------------------------------
@@ -389,12 +425,67 @@ class _SyncContext:
         return self._context.abort_with_status(status)
 
 
+class _AsyncContext:
+    """A grpc.aio context that counts the messages a handler reads and writes through it (a
+    coroutine handler of a streaming response writes with context.write); all else passes through."""
+
+    def __init__(self, context: Any, series: _RpcSeries) -> None:
+        self._context = context
+        self._series = series
+
+    def __getattr__(self, name: str) -> Any:
+        return getattr(self._context, name)
+
+    async def read(self) -> Any:
+        message = await self._context.read()
+        if message is not grpc.aio.EOF:  # type: ignore[attr-defined]
+            self._series.received.inc()
+        return message
+
+    async def write(self, message: Any) -> None:
+        await self._context.write(message)
+        self._series.sent.inc()
+
+
+class _CountedRequests:
+    """A handler's asynchronous request stream, counting the messages the handler takes."""
+
+    def __init__(self, requests: Any, received: Any) -> None:
+        self._requests = requests
+        self._iterator: Any = None  # made on the first read: grpc's is a generator, never to be left unrun
+        self._received = received
+
+    def __aiter__(self) -> _CountedRequests:
+        return self
+
+    async def __anext__(self) -> Any:
+        if self._iterator is None:
+            self._iterator = aiter(self._requests)
+        request = await anext(self._iterator)
+        self._received.inc()
+        return request
+
+
+def _counted_sync_requests(requests: Iterator[Any], received: Any) -> Iterator[Any]:
+    for request in requests:
+        received.inc()
+        yield request
+
+
 Behavior = Callable[..., Any]
 
 
-def _async_unary(behavior: Behavior, series: _RpcSeries) -> Behavior:
+def _async_unary(behavior: Behavior, series: _RpcSeries, kind: tuple[bool, bool]) -> Behavior:
+    request_streaming, response_streaming = kind
+
     async def wrapped(request: Any, context: Any) -> Any:
         started = series.begin()
+        if request_streaming:
+            request = _CountedRequests(request, series.received)
+        else:
+            series.received.inc()
+        if request_streaming or response_streaming:
+            context = _AsyncContext(context, series)
         error: BaseException | None = None
         try:
             return await behavior(request, context)
@@ -402,19 +493,29 @@ def _async_unary(behavior: Behavior, series: _RpcSeries) -> Behavior:
             error = raised
             raise
         finally:
-            series.finish(_status(context, error), started)
+            code = _status(context, error)
+            if code is grpc.StatusCode.OK and not response_streaming:
+                series.sent.inc()
+            series.finish(code, started)
 
     return wrapped
 
 
-def _async_streaming(behavior: Behavior, series: _RpcSeries) -> Behavior:
+def _async_streaming(behavior: Behavior, series: _RpcSeries, kind: tuple[bool, bool]) -> Behavior:
+    request_streaming = kind[0]
+
     async def wrapped(request: Any, context: Any) -> AsyncIterator[Any]:
         started = series.begin()
+        if request_streaming:
+            request = _CountedRequests(request, series.received)
+        else:
+            series.received.inc()
         error: BaseException | None = None
         try:
             # aclosing: if grpc closes this generator early, the handler's own `finally` runs now.
             async with contextlib.aclosing(behavior(request, context)) as responses:
                 async for response in responses:
+                    series.sent.inc()
                     yield response
         except BaseException as raised:
             error = raised
@@ -425,10 +526,16 @@ def _async_streaming(behavior: Behavior, series: _RpcSeries) -> Behavior:
     return wrapped
 
 
-def _sync_unary(behavior: Behavior, series: _RpcSeries) -> Behavior:
+def _sync_unary(behavior: Behavior, series: _RpcSeries, kind: tuple[bool, bool]) -> Behavior:
+    request_streaming = kind[0]
+
     def wrapped(request: Any, grpc_context: Any) -> Any:
         context = _SyncContext(grpc_context)
         started = series.begin()
+        if request_streaming:
+            request = _counted_sync_requests(request, series.received)
+        else:
+            series.received.inc()
         error: BaseException | None = None
         try:
             return behavior(request, context)
@@ -436,19 +543,30 @@ def _sync_unary(behavior: Behavior, series: _RpcSeries) -> Behavior:
             error = raised
             raise
         finally:
-            series.finish(_status(context, error), started)
+            code = _status(context, error)
+            if code is grpc.StatusCode.OK:
+                series.sent.inc()
+            series.finish(code, started)
 
     return wrapped
 
 
-def _sync_streaming(behavior: Behavior, series: _RpcSeries) -> Behavior:
+def _sync_streaming(behavior: Behavior, series: _RpcSeries, kind: tuple[bool, bool]) -> Behavior:
+    request_streaming = kind[0]
+
     def wrapped(request: Any, grpc_context: Any) -> Iterator[Any]:
         context = _SyncContext(grpc_context)
         started = series.begin()
+        if request_streaming:
+            request = _counted_sync_requests(request, series.received)
+        else:
+            series.received.inc()
         error: BaseException | None = None
         try:
             with contextlib.closing(behavior(request, context)) as responses:
-                yield from responses
+                for response in responses:
+                    series.sent.inc()
+                    yield response
         except BaseException as raised:
             error = raised
             raise
@@ -458,23 +576,25 @@ def _sync_streaming(behavior: Behavior, series: _RpcSeries) -> Behavior:
     return wrapped
 
 
-def _wrap(behavior: Behavior, streaming_response: bool, series: _RpcSeries) -> Behavior:
-    """A behaviour of the same kind as `behavior` (grpc.aio runs each kind differently)."""
+def _wrap(behavior: Behavior, kind: tuple[bool, bool], series: _RpcSeries) -> Behavior:
+    """A behaviour of the same kind as `behavior` (grpc.aio runs each kind differently);
+    `kind` is (request streaming, response streaming)."""
     if inspect.isasyncgenfunction(behavior):
-        return _async_streaming(behavior, series)
+        return _async_streaming(behavior, series, kind)
     if inspect.iscoroutinefunction(behavior):
-        return _async_unary(behavior, series)  # a unary response, or a stream written with context.write
-    if streaming_response:
-        return _sync_streaming(behavior, series)
-    return _sync_unary(behavior, series)
+        # A unary response, or a stream written with context.write.
+        return _async_unary(behavior, series, kind)
+    if kind[1]:
+        return _sync_streaming(behavior, series, kind)
+    return _sync_unary(behavior, series, kind)
 
 
 class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
     """Counts every call by service, method and final status code, with its duration.
 
     Only methods the server has get their own labels; calls to any other method are counted
-    under service="unknown", method="unknown" (code UNIMPLEMENTED), so clients cannot create
-    series at will.
+    under grpc_service="unknown", grpc_method="unknown", grpc_type="unknown" (code
+    UNIMPLEMENTED), so clients cannot create series at will.
     """
 
     def __init__(self, metrics: MetricsObserver) -> None:
@@ -490,13 +610,13 @@ class RequestMetricsInterceptor(grpc.aio.ServerInterceptor):
             series = self.metrics.rpc(None)
             series.finish(grpc.StatusCode.UNIMPLEMENTED, series.begin())
             return handler
-        series = self.metrics.rpc(handler_call_details.method)
         kind = (handler.request_streaming, handler.response_streaming)
+        series = self.metrics.rpc(handler_call_details.method, GRPC_TYPES[kind])
         behavior = _HANDLER_KINDS[kind][0](handler)
         if behavior is None:
             return handler  # a malformed handler: let grpc report it, uncounted
         return _HANDLER_KINDS[kind][1](
-            _wrap(behavior, handler.response_streaming, series),
+            _wrap(behavior, kind, series),
             request_deserializer=handler.request_deserializer,
             response_serializer=handler.response_serializer,
         )
