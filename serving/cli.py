@@ -17,6 +17,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serving.server", "serve a model repository over gRPC"),
     "generate": ("serving.generate", "stream generated text from a running server"),
     "health": ("serving.health", "check a server through the gRPC health service"),
+    "models": ("serving.models_cli", "list a running server's models, versions and sizes"),
     "bench": ("serving.bench", "benchmark the engine, the transport and the server side by side"),
 }
 
