@@ -21,7 +21,7 @@ from redis_support import REDIS_SKIP_REASON, RedisServer, free_port, redis_serve
 
 from protos.rnnserve.v1 import inference_pb2 as pb
 from serving.affinity import SESSION_ID_KEY, new_session_id
-from serving.client import RnnserveClient
+from serving.client import RnnserveClient, error_info
 from serving.persistence import SessionRecord, decode_record
 from serving.redis_store import RedisStateStore, RedisStoreOptions
 
@@ -197,6 +197,12 @@ def test_another_replica_restores_a_session_only_for_its_owner(
     run(scenario())
 
 
+def reason(error: grpc.aio.AioRpcError) -> str:
+    info = error_info(error)
+    assert info is not None, f"{error.code().name} without an ErrorInfo"
+    return info.reason
+
+
 def test_a_session_is_restored_only_onto_the_same_model_version(
     replica: Callable[..., ServerThread], tmp_path: Path, oracle: Oracle
 ) -> None:
@@ -214,10 +220,12 @@ def test_a_session_is_restored_only_onto_the_same_model_version(
             error = await rpc_error(client.step(session.session_id, [1]))
             assert error.code() == grpc.StatusCode.NOT_FOUND
             assert "sha256" in (error.details() or "")
+            assert reason(error) == "SESSION_NOT_RESTORABLE"
         async with RnnserveClient(replica(gru_only).target) as client:
             error = await rpc_error(client.step(session.session_id, [1]))
             assert error.code() == grpc.StatusCode.NOT_FOUND
             assert f"model {MODEL!r} version 1, which this replica does not serve" in (error.details() or "")
+            assert reason(error) == "SESSION_NOT_RESTORABLE"
 
     run(scenario())
 
@@ -307,6 +315,7 @@ def test_a_client_proposes_the_ids_of_the_sessions_it_opens(
                 )
             )
             assert error.code() == grpc.StatusCode.ALREADY_EXISTS, "an open session's id is taken"
+            assert reason(error) == "SESSION_ID_IN_USE"
             error = await rpc_error(
                 client.stub.Step(
                     pb.StepRequest(session_id=proposed, tokens=[1]),
@@ -324,6 +333,7 @@ def test_a_client_proposes_the_ids_of_the_sessions_it_opens(
             )
             assert error.code() == grpc.StatusCode.ALREADY_EXISTS
             assert "taken by another session" in (error.details() or "")
+            assert reason(error) == "SESSION_ID_IN_USE"
         assert second.on_loop(len, second.runtime.sessions) == 0
 
     run(scenario())

@@ -1,5 +1,9 @@
 """Every error status carries a google.rpc.Status with an ErrorInfo whose reason names the case,
-decoded on the client side with grpc_status.rpc_status.from_call."""
+decoded on the client side with grpc_status.rpc_status.from_call.
+
+SESSION_NOT_RESTORABLE and SESSION_ID_IN_USE from Redis are reached in test_scale_recovery.py
+(they need a Redis server); MODEL_UNLOADING is the one reason no test reaches (a version
+unloading while a request is submitted to it)."""
 
 from __future__ import annotations
 
