@@ -2,8 +2,7 @@
 decoded on the client side with grpc_status.rpc_status.from_call.
 
 SESSION_NOT_RESTORABLE and SESSION_ID_IN_USE from Redis are reached in test_scale_recovery.py
-(they need a Redis server); MODEL_UNLOADING is the one reason no test reaches (a version
-unloading while a request is submitted to it)."""
+(they need a Redis server)."""
 
 from __future__ import annotations
 
@@ -233,10 +232,13 @@ def test_expired_evicted_and_limit_reasons(make_server: Callable[..., ServerThre
     assert decoded(errors[Reason.TOO_MANY_TOKENS]).metadata["limit"] == "4"
 
 
-def test_queue_full_shutting_down_and_inference_failed(make_server: Callable[..., ServerThread]) -> None:
+def test_queue_full_unloading_shutting_down_and_inference_failed(
+    make_server: Callable[..., ServerThread],
+) -> None:
     queueing = make_server(max_queue_steps=1)
     failing = make_server()
     draining = make_server()
+    unloading = make_server()
 
     async def go() -> dict[Reason, grpc.aio.AioRpcError]:
         errors: dict[Reason, grpc.aio.AioRpcError] = {}
@@ -256,6 +258,11 @@ def test_queue_full_shutting_down_and_inference_failed(make_server: Callable[...
                 errors[Reason.INFERENCE_FAILED] = await failure(client.step(created.session_id, [1]))
             finally:
                 injected.remove()
+        async with RnnserveClient(unloading.target) as client:
+            created = await client.create_session(MODEL)
+            # As a retired version's unload does: its batcher stops taking work.
+            await asyncio.to_thread(unloading.registry.latest(MODEL).batcher.stop, 10.0)
+            errors[Reason.MODEL_UNLOADING] = await failure(client.step(created.session_id, [1]))
         async with RnnserveClient(draining.target) as client:
             draining.on_loop(setattr, draining.runtime, "draining", True)
             errors[Reason.SERVER_SHUTTING_DOWN] = await failure(client.create_session(MODEL))
@@ -266,6 +273,7 @@ def test_queue_full_shutting_down_and_inference_failed(make_server: Callable[...
         Reason.QUEUE_FULL: grpc.StatusCode.RESOURCE_EXHAUSTED,
         Reason.INFERENCE_FAILED: grpc.StatusCode.INTERNAL,
         Reason.SERVER_SHUTTING_DOWN: grpc.StatusCode.UNAVAILABLE,
+        Reason.MODEL_UNLOADING: grpc.StatusCode.UNAVAILABLE,
     }
     for reason, error in errors.items():
         assert error.code() == expected_codes[reason], error.details()
@@ -312,3 +320,22 @@ def test_sampling_options_are_invalid_options(server: ServerThread) -> None:
     error = run(go())
     assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert decoded(error).reason == Reason.INVALID_OPTION.value
+
+
+def test_every_reason_is_reached_by_a_test() -> None:
+    """A new Reason needs a case here (or in test_scale_recovery.py, for the Redis ones)."""
+    elsewhere = {
+        Reason.SESSION_EVICTED,
+        Reason.SESSION_EXPIRED,
+        Reason.SESSION_LIMIT,
+        Reason.TOO_MANY_TOKENS,
+        Reason.QUEUE_FULL,
+        Reason.INFERENCE_FAILED,
+        Reason.SERVER_SHUTTING_DOWN,
+        Reason.MODEL_UNLOADING,
+        Reason.BEARER_TOKEN_MISSING,
+        Reason.BEARER_TOKEN_INVALID,
+        Reason.OWNER_SESSION_LIMIT,
+        Reason.SESSION_NOT_RESTORABLE,  # test_scale_recovery.py
+    }
+    assert set(DEFAULT_SERVER_CASES) | elsewhere == set(Reason)
