@@ -78,16 +78,18 @@ class Reason(str, enum.Enum):
 class ServingError(Exception):
     """Base of every error a client can be told about.
 
-    `reason` defaults to the class's own; `metadata` (str values on the wire) names what the
-    error concerns, e.g. model="tiny-lstm", limit=4096.
+    `reason` defaults to the class's own (each subclass has one); `metadata` (str values on the
+    wire) names what the error concerns, e.g. model="tiny-lstm", limit=4096.
     """
 
-    reason: Reason = Reason.MALFORMED_REQUEST  # every subclass sets its own default
+    reason: Reason  # the subclasses' class attributes are the defaults
 
     def __init__(self, message: str, reason: Reason | None = None, **metadata: object) -> None:
         super().__init__(message)
         if reason is not None:
             self.reason = reason
+        elif not hasattr(self, "reason"):
+            raise TypeError(f"{type(self).__name__} has no default reason: pass one")
         self.metadata: dict[str, str] = {key: str(value) for key, value in metadata.items()}
 
 

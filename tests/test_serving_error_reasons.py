@@ -339,3 +339,26 @@ def test_every_reason_is_reached_by_a_test() -> None:
         Reason.SESSION_NOT_RESTORABLE,  # test_scale_recovery.py
     }
     assert set(DEFAULT_SERVER_CASES) | elsewhere == set(Reason)
+
+
+def test_the_status_of_a_domain_error() -> None:
+    from google.rpc import status_pb2
+
+    from serving.errors import ResourceExhaustedError, ServingError, grpc_status
+
+    error = ResourceExhaustedError("over the limit", Reason.TOO_MANY_TOKENS, limit=4096, model="m")
+    status = grpc_status(error)
+    assert (status.code, status.details) == (grpc.StatusCode.RESOURCE_EXHAUSTED, "over the limit")
+    [(key, value)] = status.trailing_metadata
+    assert key == "grpc-status-details-bin"
+    decoded_status = status_pb2.Status.FromString(value)
+    info = error_details_pb2.ErrorInfo()
+    assert decoded_status.details[0].Unpack(info)
+    assert (info.reason, info.domain, dict(info.metadata)) == (
+        "TOO_MANY_TOKENS",
+        ERROR_DOMAIN,
+        {"limit": "4096", "model": "m"},
+    )
+    assert ResourceExhaustedError("x").reason is Reason.SESSION_LIMIT  # the class's default
+    with pytest.raises(TypeError, match="no default reason"):
+        ServingError("which case?")
