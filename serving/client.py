@@ -378,6 +378,8 @@ class StreamSession:
         """The error when it means a lost stream (RESUMABLE_CODES), else None."""
         if isinstance(error, asyncio.InvalidStateError):  # written after the call had ended
             assert self._call is not None
+            if not self._call.done():  # half-closed by this client (after end()): not a loss
+                return None
             try:
                 await self._call.read()
             except grpc.aio.AioRpcError as status:
