@@ -53,6 +53,13 @@ class ServerSettings:
         default="127.0.0.1", metadata=_about("address to listen on (0.0.0.0 inside a container)")
     )
     port: int = field(default=50051, metadata=_about("port to listen on; 0 picks a free port"))
+    frontends: int = field(
+        default=0,
+        metadata=_about(
+            "front-end processes sharing --port (SO_REUSEPORT) beside one engine-core process that "
+            "holds the models and sessions; 0: one process serves everything"
+        ),
+    )
     device: str = field(
         default="auto", metadata=_about("onnxruntime device: auto uses CUDA when available", DEVICES)
     )
@@ -270,7 +277,7 @@ class ServerSettings:
             problems.append(f"--redis-timeout-s must be a finite number > 0, got {self.redis_timeout_s}")
         if not math.isfinite(self.session_idle_timeout_s) or self.session_idle_timeout_s <= 0:
             problems.append(f"--session-idle-timeout-s must be > 0, got {self.session_idle_timeout_s}")
-        for name in ("gone_session_memory", "max_sessions_per_token", "state_save_every_steps"):
+        for name in ("gone_session_memory", "max_sessions_per_token", "state_save_every_steps", "frontends"):
             if getattr(self, name) < 0:
                 problems.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("port", "metrics_port", "health_port"):

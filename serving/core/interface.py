@@ -41,6 +41,7 @@ class SessionRef:
     model: str
     version: int
     binding: int = 0  # the core's handle of this stream's options; 0: none bound
+    position: int = 0  # tokens consumed when the ref was made (open or resume)
 
 
 @dataclass(frozen=True)

@@ -95,7 +95,7 @@ class LocalEngine:
     def _bind(self, session: Session, request: PredictionRequest) -> SessionRef:
         binding = next(self._binding_ids)
         self._bindings[binding] = _Binding(session, request)
-        return SessionRef(session.id, session.model.name, session.model.version, binding)
+        return SessionRef(session.id, session.model.name, session.model.version, binding, session.position)
 
     async def open_session(
         self,
@@ -158,7 +158,9 @@ class LocalEngine:
         if bound is None or ended:
             return
         session = bound.session
-        if self.runtime.settings.close_on_disconnect and not session.closed:
+        if session.closed:
+            return
+        if self.runtime.settings.close_on_disconnect:
             await self.runtime.close(session)
 
     async def generate(self, fields: GenerateRequestFields, owner: str | None) -> LocalGeneration:

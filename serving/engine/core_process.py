@@ -23,7 +23,7 @@ import signal
 from collections.abc import Sequence
 from typing import Any
 
-from serving.core.errors import InvalidArgumentError, ServingError
+from serving.core.errors import InferenceFailedError, InvalidArgumentError, ServingError
 from serving.core.interface import GenerationStream
 from serving.core.local import LocalEngine
 from serving.core.registry import ModelRegistry
@@ -148,7 +148,7 @@ class EngineCore:
             peer.answer(number, ERROR, messages.error_payload(error))
         except Exception as error:
             log.exception("%s failed in the engine core", method)
-            failure = ServingError(f"{method} failed in the engine core: {error}")
+            failure = InferenceFailedError(f"{method} failed in the engine core: {error}")
             peer.answer(number, ERROR, messages.error_payload(failure))
         else:
             peer.answer(number, RESULT, result)

@@ -8,11 +8,11 @@ token per side. A frame is a 4-byte little-endian length and a pickled list of e
     core -> front end   (call, kind, payload)     kind: RESULT, ERROR or CHUNK (a Generate's tokens)
 
 `call` is the front end's number for the call (0: no answer wanted, e.g. a cancel; PING_CALL:
-the heartbeat). An ERROR's
-payload is (error class name, message): the ServingError class of serving.core.errors, rebuilt on
-the front end, so the status code and the text are the same as in one process. Only the plain
-values of serving.core.interface cross. The socket lives in a directory only the server's user
-can open, so the peers trust each other's pickles as much as their own.
+the heartbeat). An ERROR's payload is (error class name, message, reason, metadata): the
+ServingError of serving.core.errors, rebuilt on the front end, so the status, its ErrorInfo and
+the text are the same as in one process. Only the plain values of serving.core.interface cross.
+The socket lives in a directory only the server's user can open, so the peers trust each other's
+pickles as much as their own.
 
 Chosen by measurement (`python -m bench.ipc`, figures in docs/architecture.md): on the 2-core
 development machine a Unix-socket round trip with pickle took about 95 µs for one call and
@@ -95,14 +95,17 @@ class FrameReader:
         return frames
 
 
-def error_payload(error: errors.ServingError) -> tuple[str, str]:
-    return (type(error).__name__, str(error))
+ErrorPayload = tuple[str, str, str, dict[str, str]]
 
 
-def decode_error(payload: tuple[str, str]) -> errors.ServingError:
-    """The ServingError the core raised (an unknown class name comes back as a ServingError)."""
-    name, message = payload
+def error_payload(error: errors.ServingError) -> ErrorPayload:
+    return (type(error).__name__, str(error), error.reason.value, error.metadata)
+
+
+def decode_error(payload: ErrorPayload) -> errors.ServingError:
+    """The ServingError the core raised: its class (the status code), message, reason and metadata."""
+    name, message, reason, metadata = payload
     kind = getattr(errors, name, None)
-    if isinstance(kind, type) and issubclass(kind, errors.ServingError):
-        return kind(message)
-    return errors.ServingError(message)
+    if not (isinstance(kind, type) and issubclass(kind, errors.ServingError)):
+        kind = errors.ServingError
+    return kind(message, errors.Reason(reason), **metadata)

@@ -43,6 +43,7 @@ from grpc_health.v1 import health, health_pb2
 
 from protos.rnnserve.v1 import inference_pb2
 from serving.core.engine import EngineError, resolve_providers
+from serving.core.local import LocalEngine
 from serving.core.observers import ServerObserver
 from serving.core.registry import ModelRegistry, load_repository
 from serving.core.repository import RepositoryError
@@ -246,7 +247,9 @@ async def create_server(
     runtime.recovery = recovery_for(settings, runtime.sessions, runtime.observer)
     calls = CallTracker(settings.log_requests)
     grpc_server = grpc.aio.server(options=server_options(settings), interceptors=[calls, *interceptors])
-    add_inference_servicer(InferenceServicer(runtime, identity), grpc_server)
+    add_inference_servicer(
+        InferenceServicer(LocalEngine(runtime), identity, settings.stream_end_linger_s), grpc_server
+    )
     health_servicer = HealthServicer()
     add_health_servicer(health_servicer, grpc_server)
     enable_reflection((INFERENCE_SERVICE, health.SERVICE_NAME), grpc_server)
@@ -356,8 +359,13 @@ async def serve(settings: ServerSettings, registry: ModelRegistry, metrics: Metr
 
 
 def main(argv: Sequence[str] | None = None) -> int:
-    settings = parse_settings(sys.argv[1:] if argv is None else argv)
+    args = sys.argv[1:] if argv is None else list(argv)
+    settings = parse_settings(args)
     configure_logging(settings.log_level, settings.log_format)
+    if settings.frontends > 0:
+        from serving.frontend.supervisor import supervise
+
+        return supervise(settings, args)
     try:
         load_tokens(settings)  # checked before the (slow) model loading
         server_credentials(settings)

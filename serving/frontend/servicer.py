@@ -1,4 +1,4 @@
-"""The gRPC servicer of rnnserve.v1.Inference: protobuf in, a Runtime call, protobuf out.
+"""The gRPC servicer of rnnserve.v1.Inference: protobuf in, an InferenceApi call, protobuf out.
 
 Every handler turns a ServingError into its status with `errors.abort`: the code, the error's
 message and an ErrorInfo with its reason; nothing else is decided here. `identity(context)`
@@ -14,7 +14,6 @@ answers INVALID_ARGUMENT naming the message type, where grpc's own deserializer 
 from __future__ import annotations
 
 import asyncio
-import json
 from collections.abc import AsyncIterator, Callable
 from dataclasses import dataclass
 from typing import Any
@@ -25,7 +24,6 @@ from google.protobuf.message import DecodeError, Message
 from contract.sampling import Sampling
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
-from serving.core.batcher import PredictionRequest, StepResult
 from serving.core.errors import (
     InvalidArgumentError,
     Reason,
@@ -35,9 +33,15 @@ from serving.core.errors import (
     UnavailableError,
     abort,
 )
-from serving.core.registry import LoadedModel
-from serving.core.runtime import GenerateParams, Runtime
-from serving.core.sessions import Session
+from serving.core.interface import (
+    GenerateRequestFields,
+    InferenceApi,
+    ModelInfo,
+    ModelVersionInfo,
+    Prediction,
+    SessionRef,
+    StepOptions,
+)
 from serving.frontend.affinity import check_affinity, proposed_session_id
 from serving.ops.interceptor import HANDLER_KINDS
 
@@ -113,65 +117,79 @@ def sampling_fields(options: pb.SamplingOptions) -> Sampling:
     )
 
 
-def prediction_message(result: StepResult, position: int) -> pb.Prediction:
+def prediction_message(prediction: Prediction) -> pb.Prediction:
     return pb.Prediction(
-        top_ids=result.top_ids,
-        top_logprobs=result.top_logprobs,
-        logits=result.logits,
-        sampled_token=result.sampled_token,
-        position=position,
+        top_ids=prediction.top_ids,
+        top_logprobs=prediction.top_logprobs,
+        logits=prediction.logits,
+        sampled_token=prediction.sampled_token,
+        position=prediction.position,
     )
 
 
-def version_message(model: LoadedModel) -> pb.ModelVersion:
-    manifest = model.manifest
+def step_options(options: pb.PredictionOptions) -> StepOptions:
+    sampling = sampling_fields(options.sampling) if options.HasField("sampling") else None
+    return StepOptions(options.top_k, options.return_logits, sampling)
+
+
+def version_message(info: ModelVersionInfo) -> pb.ModelVersion:
     return pb.ModelVersion(
-        version=manifest.version,
-        arch=manifest.arch,
-        vocab_size=manifest.vocab_size,
-        embedding_size=manifest.embedding_size,
-        hidden_size=manifest.hidden_size,
-        num_layers=manifest.num_layers,
-        pad_id=manifest.pad_id,
-        precision=manifest.precision,
-        tokenizer_json=model.tokenizer.to_json(),
-        state=[
-            pb.StateTensor(name=name, shape=[manifest.num_layers, manifest.hidden_size])
-            for name in manifest.state_names
-        ],
-        model_sha256=manifest.model_sha256,
-        active_sessions=model.active_sessions,
-        metrics_json=json.dumps(dict(manifest.metrics), sort_keys=True),
+        version=info.version,
+        arch=info.arch,
+        vocab_size=info.vocab_size,
+        embedding_size=info.embedding_size,
+        hidden_size=info.hidden_size,
+        num_layers=info.num_layers,
+        pad_id=info.pad_id,
+        precision=info.precision,
+        tokenizer_json=info.tokenizer_json,
+        state=[pb.StateTensor(name=state.name, shape=state.shape) for state in info.state],
+        model_sha256=info.model_sha256,
+        active_sessions=info.active_sessions,
+        metrics_json=info.metrics_json,
+    )
+
+
+def model_message(info: ModelInfo) -> pb.ModelInfo:
+    return pb.ModelInfo(
+        name=info.name,
+        latest_version=info.latest_version,
+        versions=[version_message(version) for version in info.versions],
     )
 
 
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
-    def __init__(self, runtime: Runtime, identity: Identity = no_identity) -> None:
-        self.runtime = runtime
+    """rnnserve.v1.Inference on an InferenceApi (the core in this process, or the engine core).
+
+    `stream_end_linger_s`: after CONTROL_END, how long a Stream waits for the client to half-close.
+    """
+
+    def __init__(
+        self, api: InferenceApi, identity: Identity = no_identity, stream_end_linger_s: float = 1.0
+    ) -> None:
+        self.api = api
         self.identity = identity
+        self.stream_end_linger_s = stream_end_linger_s
         self._background: set[asyncio.Task[None]] = set()
 
-    def _options(self, model: LoadedModel, options: pb.PredictionOptions) -> PredictionRequest:
-        sampling = sampling_fields(options.sampling) if options.HasField("sampling") else None
-        return self.runtime.prediction_request(model, options.top_k, options.return_logits, sampling)
-
-    def _close_later(self, session: Session) -> None:
-        """Close a session from a handler that is being torn down (it may have a step in flight)."""
-        task = asyncio.get_running_loop().create_task(self._close_quietly(session))
+    def _release_later(self, ref: SessionRef, ended: bool) -> None:
+        """End a stream's hold on its session from a handler that is being torn down (the core
+        closes the session when the server closes sessions on disconnect)."""
+        task = asyncio.get_running_loop().create_task(self._release_quietly(ref, ended))
         self._background.add(task)
         task.add_done_callback(self._background.discard)
 
-    async def _close_quietly(self, session: Session) -> None:
+    async def _release_quietly(self, ref: SessionRef, ended: bool) -> None:
         try:
-            await self.runtime.close(session)
+            await self.api.release(ref, ended)
         except SessionNotFoundError:
-            # Another request (CloseSession, an expiry) ended the session while this close waited
-            # for its turn: it is gone, which is what this close wanted. Nobody awaits this task,
-            # so the error would otherwise surface as "Task exception was never retrieved".
+            # Another request (CloseSession, an expiry) ended the session meanwhile: it is gone,
+            # which is what this release wanted. Nobody awaits this task, so the error would
+            # otherwise surface as "Task exception was never retrieved".
             return
         except UnavailableError:
-            # The server is shutting down and froze its sessions: it, not the client, ended this
-            # stream, and the session stays open for the shutdown snapshot.
+            # The server is shutting down (it froze its sessions, which stay open for the
+            # shutdown snapshot), or the engine core is gone and with it the stream's binding.
             return
 
     async def Stream(  # noqa: N802 (a gRPC method name)
@@ -179,11 +197,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request_iterator: AsyncIterator[pb.StreamRequest],
         context: grpc.aio.ServicerContext,
     ) -> AsyncIterator[pb.StreamResponse]:
-        runtime = self.runtime
+        api = self.api
         owner = self.identity(context)
         metadata = context.invocation_metadata()  # x-session-id: the stream's session (affinity)
-        session: Session | None = None
-        options = PredictionRequest()
+        session: SessionRef | None = None
         ended = False
         requests = aiter(request_iterator)
         try:
@@ -201,14 +218,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                             "a chunk arrived before open or resume: the first message of a stream "
                             "must open or resume a session"
                         )
-                    tokens = runtime.check_tokens(session.model, request.chunk.tokens)
-                    result, position = await runtime.step(session, tokens, options)
+                    prediction = await api.step(session, request.chunk.tokens)
                     yield pb.StreamResponse(
                         session_id=session.id,
-                        model=session.model.name,
-                        version=session.model.version,
+                        model=session.model,
+                        version=session.version,
                         event=pb.STREAM_EVENT_PREDICTION,
-                        prediction=prediction_message(result, position),
+                        prediction=prediction_message(prediction),
                     )
                 elif kind in ("open", "resume"):
                     if session is not None:
@@ -221,22 +237,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                             raise InvalidArgumentError(
                                 "open needs a model name (see ListModels)", Reason.MALFORMED_REQUEST
                             )
-                        model = runtime.registry.resolve(request.open.model, request.open.version)
-                        options = self._options(model, request.open.options)  # validate before opening
-                        proposed = proposed_session_id(metadata)
-                        session = await runtime.open_session(model.name, model.version, owner, proposed)
+                        session = await api.open_session(
+                            request.open.model,
+                            request.open.version,
+                            owner,
+                            proposed_session_id(metadata),
+                            step_options(request.open.options),  # validated before opening
+                        )
                         event = pb.STREAM_EVENT_OPENED
                     else:
                         check_affinity(metadata, request.resume.session_id)
-                        found = await runtime.find_session(request.resume.session_id, owner)
-                        options = self._options(found.model, request.resume.options)
-                        session, event = found, pb.STREAM_EVENT_RESUMED
+                        session = await api.resume(
+                            request.resume.session_id, owner, step_options(request.resume.options)
+                        )
+                        event = pb.STREAM_EVENT_RESUMED
                     # The position tells a resuming client which of its chunks the session has
                     # consumed (one whose answer a lost connection swallowed, or none).
                     yield pb.StreamResponse(
                         session_id=session.id,
-                        model=session.model.name,
-                        version=session.model.version,
+                        model=session.model,
+                        version=session.version,
                         event=event,
                         prediction=pb.Prediction(position=session.position),
                     )
@@ -247,10 +267,10 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                             "message of a stream must open or resume a session"
                         )
                     if request.control == pb.CONTROL_RESET:
-                        await runtime.reset(session)
+                        await api.reset(session)
                         event = pb.STREAM_EVENT_RESET
                     elif request.control == pb.CONTROL_END:
-                        await runtime.close(session)
+                        await api.close(session.id, owner)
                         ended, event = True, pb.STREAM_EVENT_ENDED
                     else:
                         raise InvalidArgumentError(
@@ -258,8 +278,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         )
                     yield pb.StreamResponse(
                         session_id=session.id,
-                        model=session.model.name,
-                        version=session.model.version,
+                        model=session.model,
+                        version=session.version,
                         event=event,
                     )
                     if ended:
@@ -273,19 +293,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         except ServingError as error:
             await abort(context, error)
         finally:
-            if (
-                session is not None
-                and not ended
-                and runtime.settings.close_on_disconnect
-                and not session.closed
-            ):
-                self._close_later(session)
+            if session is not None:
+                self._release_later(session, ended)
 
-    async def _after_end(self, requests: AsyncIterator[pb.StreamRequest], session: Session) -> None:
+    async def _after_end(self, requests: AsyncIterator[pb.StreamRequest], session: SessionRef) -> None:
         """After CONTROL_END the stream ends when the client half-closes (or after the linger);
         a request arriving meanwhile is an error the client should hear about."""
         try:
-            await asyncio.wait_for(anext(requests), self.runtime.settings.stream_end_linger_s)
+            await asyncio.wait_for(anext(requests), self.stream_end_linger_s)
         except (StopAsyncIteration, asyncio.TimeoutError):  # the same class from Python 3.11
             return
         raise StreamOrderError(
@@ -303,7 +318,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             metadata = context.invocation_metadata()
             if request.session_id:
                 check_affinity(metadata, request.session_id)
-            params = GenerateParams(
+            fields = GenerateRequestFields(
                 model=request.model,
                 version=request.version,
                 session_id=request.session_id,
@@ -315,20 +330,18 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 keep_session=request.keep_session,
                 new_session_id=proposed_session_id(metadata) if request.keep_session else None,
             )
-            generation = await self.runtime.generate(params, self.identity(context))
+            generation = await self.api.generate(fields, self.identity(context))
         except ServingError as error:
             await abort(context, error)
-        kept = bool(request.session_id) or request.keep_session
-        session_id = generation.session.id if kept else ""
         try:
             async for chunk in generation.chunks():
                 yield pb.GenerateResponse(
-                    session_id=session_id,
-                    model=generation.model.name,
-                    version=generation.model.version,
+                    session_id=generation.session_id,
+                    model=generation.model,
+                    version=generation.version,
                     tokens=chunk.tokens,
                     text=chunk.text,
-                    finish_reason=pb.FinishReason.Name(chunk.finish_reason or 0),
+                    finish_reason=pb.FinishReason.Name(chunk.finish_reason),
                 )
         except ServingError as error:
             await abort(context, error)
@@ -343,33 +356,29 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             _check_parsed(request)
             proposed = proposed_session_id(context.invocation_metadata())
-            session = await self.runtime.open_session(
+            session = await self.api.open_session(
                 request.model, request.version, self.identity(context), proposed
             )
         except ServingError as error:
             await abort(context, error)
-        return pb.CreateSessionResponse(
-            session_id=session.id, model=session.model.name, version=session.model.version
-        )
+        return pb.CreateSessionResponse(session_id=session.id, model=session.model, version=session.version)
 
     async def Step(  # noqa: N802 (a gRPC method name)
         self, request: pb.StepRequest, context: grpc.aio.ServicerContext
     ) -> pb.StepResponse:
-        runtime = self.runtime
         try:
             _check_parsed(request)
             check_affinity(context.invocation_metadata(), request.session_id)
-            session = await runtime.find_session(request.session_id, self.identity(context))
-            options = self._options(session.model, request.options)
-            tokens = runtime.check_tokens(session.model, request.tokens, "a Step")
-            result, position = await runtime.step(session, tokens, options)
+            session, prediction = await self.api.step_once(
+                request.session_id, self.identity(context), request.tokens, step_options(request.options)
+            )
         except ServingError as error:
             await abort(context, error)
         return pb.StepResponse(
             session_id=session.id,
-            model=session.model.name,
-            version=session.model.version,
-            prediction=prediction_message(result, position),
+            model=session.model,
+            version=session.version,
+            prediction=prediction_message(prediction),
         )
 
     async def CloseSession(  # noqa: N802 (a gRPC method name)
@@ -380,8 +389,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         try:
             _check_parsed(request)
             check_affinity(context.invocation_metadata(), request.session_id)
-            session = await self.runtime.find_session(request.session_id, self.identity(context))
-            await self.runtime.close(session)
+            await self.api.close(request.session_id, self.identity(context))
         except ServingError as error:
             await abort(context, error)
         return pb.CloseSessionResponse()
@@ -391,27 +399,19 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         request: pb.ListModelsRequest,
         context: grpc.aio.ServicerContext,
     ) -> pb.ListModelsResponse:
-        if type(request) is MalformedRequest:
-            await abort(context, request.error())
-        registry = self.runtime.registry
-        return pb.ListModelsResponse(
-            models=[self._model_info(name, registry.versions(name)) for name in registry.names()]
-        )
+        try:
+            _check_parsed(request)
+            models = await self.api.list_models()
+        except ServingError as error:
+            await abort(context, error)
+        return pb.ListModelsResponse(models=[model_message(info) for info in models])
 
     async def GetModel(  # noqa: N802 (a gRPC method name)
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
     ) -> pb.ModelInfo:
         try:
             _check_parsed(request)
-            model = self.runtime.registry.describe(request.name, request.version)
+            info = await self.api.get_model(request.name, request.version)
         except ServingError as error:
             await abort(context, error)
-        return self._model_info(model.name, [model])
-
-    def _model_info(self, name: str, versions: list[LoadedModel]) -> pb.ModelInfo:
-        latest = self.runtime.registry.latest(name)
-        return pb.ModelInfo(
-            name=name,
-            latest_version=latest.version if latest else 0,
-            versions=[version_message(m) for m in versions],
-        )
+        return model_message(info)

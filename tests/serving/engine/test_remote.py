@@ -10,7 +10,13 @@ from pathlib import Path
 import pytest
 
 from contract.sampling import Sampling
-from serving.core.errors import InvalidArgumentError, NotFoundError, SessionNotFoundError, UnavailableError
+from serving.core.errors import (
+    InvalidArgumentError,
+    NotFoundError,
+    Reason,
+    SessionNotFoundError,
+    UnavailableError,
+)
 from serving.core.interface import GenerateRequestFields, StepOptions
 from serving.core.local import LocalEngine
 from serving.core.registry import load_repository
@@ -68,8 +74,10 @@ async def _errors_cross_with_their_class_and_message(pair: Pair) -> None:
     with pytest.raises(NotFoundError, match="'nope' is not served"):
         await pair.remote.open_session("nope")
     ref = await pair.remote.open_session("tiny-gru", options=StepOptions())
-    with pytest.raises(InvalidArgumentError, match="outside the vocabulary"):
+    with pytest.raises(InvalidArgumentError, match="outside the vocabulary") as raised:
         await pair.remote.step(ref, [10_000])
+    assert raised.value.reason is Reason.TOKEN_OUT_OF_VOCABULARY
+    assert raised.value.metadata["token"] == "10000"
     assert (await pair.remote.step(ref, [1])).position == 1  # the failed request changed nothing
 
 
