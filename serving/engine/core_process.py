@@ -231,5 +231,10 @@ async def run_engine_core(
     await runtime.stop()
     if runtime.recovery is not None:
         await runtime.recovery.close()
-    log.info("engine core stopped")
+    log.info(
+        "engine core stopped: %d calls came in %d frames; %d answer frames went out",
+        core.calls_received,
+        core.frames_received,
+        core.frames_sent,
+    )
     return 0 if saved else 1
