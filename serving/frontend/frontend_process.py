@@ -90,6 +90,10 @@ async def run_frontend(settings: ServerSettings, engine_socket: str) -> int:
     identity: Identity = no_identity
     interceptors: list[grpc.aio.ServerInterceptor] = []
     calls = FrontendCallTracker(settings.log_requests)
+    if settings.metrics_port:  # recorded for the supervisor's summed /metrics
+        from serving.ops.metrics import MetricsObserver
+
+        interceptors.append(MetricsObserver(process_metrics=False).interceptor())
     if tokens is not None:
         auth = AuthInterceptor(tokens)
         interceptors.append(auth)

@@ -10,6 +10,10 @@ keeps them running:
 - an engine core that dies is started again, restoring the sessions from --state-snapshot or
   Redis where configured; meanwhile the front ends answer UNAVAILABLE at once.
 
+Metrics (--metrics-port): every process records into prometheus_client's multiprocess files
+(PROMETHEUS_MULTIPROC_DIR, a private temporary directory), and the supervisor serves their sum
+on one /metrics: the front ends' request series, the core's batch, session and model series.
+
 SIGTERM/SIGINT: the core drains (SIGUSR1: new sessions refused), the front ends stop (they give
 calls in flight --grace-period-s), then the core freezes, saves its snapshot and exits. SIGHUP
 goes to the core (look for new model versions now). The exit status is the core's.
@@ -31,11 +35,13 @@ import sys
 import tempfile
 import time
 from collections.abc import Sequence
+from typing import Any
 
 from serving.settings import ServerSettings, join_host_port, parse_settings
 
 log = logging.getLogger("rnnserve.supervisor")
 
+MULTIPROC_ENV = "PROMETHEUS_MULTIPROC_DIR"
 POLL_S = 0.05
 RESTART_PAUSE_S = 0.2  # between a process's death and its restart
 STOP_MARGIN_S = 10.0  # beyond the grace period: most time a process gets to exit before SIGKILL
@@ -59,6 +65,12 @@ class Supervisor:
         self.argv = [*argv, "--port", str(port)]
         self.port = port
         self.socket_path = os.path.join(workdir, "engine.sock")
+        self.environment = dict(os.environ)
+        self.metrics_dir: str | None = None
+        if settings.metrics_port:
+            self.metrics_dir = os.path.join(workdir, "metrics")
+            os.mkdir(self.metrics_dir)
+            self.environment[MULTIPROC_ENV] = self.metrics_dir
         self.core: subprocess.Popen[bytes] | None = None
         self.frontends: list[subprocess.Popen[bytes] | None] = [None] * settings.frontends
         self.stopping = False
@@ -66,7 +78,14 @@ class Supervisor:
 
     def _start(self, role: str) -> subprocess.Popen[bytes]:
         command = [sys.executable, "-m", "serving.frontend.supervisor", role, self.socket_path, *self.argv]
-        return subprocess.Popen(command)
+        return subprocess.Popen(command, env=self.environment)
+
+    def _forget(self, process: subprocess.Popen[bytes]) -> None:
+        """Drop a dead process's live gauges from the summed metrics."""
+        if self.metrics_dir is not None:
+            from prometheus_client import multiprocess
+
+            multiprocess.mark_process_dead(process.pid, self.metrics_dir)
 
     def start(self) -> None:
         self.core = self._start("core")
@@ -78,6 +97,7 @@ class Supervisor:
             return
         if self.core is not None and self.core.poll() is not None:
             log.error("the engine core exited with status %s: starting it again", self.core.returncode)
+            self._forget(self.core)
             time.sleep(RESTART_PAUSE_S)
             self.restarts += 1
             self.core = self._start("core")
@@ -132,7 +152,10 @@ def supervise(settings: ServerSettings, argv: Sequence[str]) -> int:
     received: list[int] = []
     for signum in (signal.SIGTERM, signal.SIGINT, signal.SIGHUP):
         signal.signal(signum, lambda number, frame: received.append(number))
+    metrics_endpoint = None
     try:
+        if supervisor.metrics_dir is not None:
+            metrics_endpoint = _serve_summed_metrics(settings, supervisor.metrics_dir)
         supervisor.start()
         log.info(
             "serving on %s with %d front ends and one engine core",
@@ -148,8 +171,22 @@ def supervise(settings: ServerSettings, argv: Sequence[str]) -> int:
             supervisor.check()
             time.sleep(POLL_S)
     finally:
+        if metrics_endpoint is not None:
+            metrics_endpoint.close()
         holder.close()
         shutil.rmtree(workdir, ignore_errors=True)
+
+
+def _serve_summed_metrics(settings: ServerSettings, directory: str) -> Any:
+    from prometheus_client import CollectorRegistry, multiprocess
+
+    from serving.ops.metrics import start_metrics_server
+
+    registry = CollectorRegistry()
+    multiprocess.MultiProcessCollector(registry, path=directory)
+    endpoint = start_metrics_server(registry, settings.metrics_bind_host, settings.metrics_port)
+    log.info("metrics of all processes on %s", endpoint.url)
+    return endpoint
 
 
 def _child(role: str, engine_socket: str, argv: Sequence[str]) -> int:
@@ -163,12 +200,11 @@ def _child(role: str, engine_socket: str, argv: Sequence[str]) -> int:
         return asyncio.run(run_frontend(settings, engine_socket))
     from serving.core.registry import load_repository
     from serving.engine.core_process import run_engine_core
-    from serving.ops.metrics import MetricsObserver, start_metrics_server
+    from serving.ops.metrics import MetricsObserver
 
-    metrics = MetricsObserver() if settings.metrics_port else None
+    # With --metrics-port the supervisor serves the sum of every process's series (see above).
+    metrics = MetricsObserver(process_metrics=False) if settings.metrics_port else None
     registry = load_repository(settings, metrics, allow_empty=True)
-    if metrics is not None:
-        start_metrics_server(metrics.registry, settings.metrics_bind_host, settings.metrics_port)
     return asyncio.run(run_engine_core(settings, registry, engine_socket))
 
 

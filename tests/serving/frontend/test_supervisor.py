@@ -16,16 +16,17 @@ import pytest
 
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
-from tests.support.ops import RNNSERVE, free_port, wait_for
+from tests.support.ops import RNNSERVE, free_port, sample, scrape, wait_for
 
 FRONTEND_KEY = "x-rnnserve-frontend"
 
 
 class Cluster:
-    def __init__(self, process: subprocess.Popen[bytes], target: str, snapshot: Path) -> None:
+    def __init__(self, process: subprocess.Popen[bytes], target: str, snapshot: Path, metrics: str) -> None:
         self.process = process
         self.target = target
         self.snapshot = snapshot
+        self.metrics = metrics  # the one /metrics of all processes
 
     def stub(self) -> tuple[grpc.Channel, inference_pb2_grpc.InferenceStub]:
         """A stub on a channel of its own (its own connection, so perhaps another front end)."""
@@ -69,16 +70,16 @@ class Cluster:
 
 @pytest.fixture(scope="module")
 def cluster(model_repository: Path, tmp_path_factory: pytest.TempPathFactory) -> Iterator[Cluster]:
-    port = free_port()
+    port, metrics_port = free_port(), free_port()
     snapshot = tmp_path_factory.mktemp("snapshot") / "sessions.snapshot"
     process = subprocess.Popen(
         [
             RNNSERVE, "serve", "--repository", str(model_repository), "--port", str(port),
-            "--frontends", "2", "--metrics-port", "0", "--reload-interval-s", "0",
+            "--frontends", "2", "--metrics-port", str(metrics_port), "--reload-interval-s", "0",
             "--state-snapshot", str(snapshot), "--snapshot-interval-s", "0.2", "--grace-period-s", "1",
         ]
     )  # fmt: skip
-    running = Cluster(process, f"127.0.0.1:{port}", snapshot)
+    running = Cluster(process, f"127.0.0.1:{port}", snapshot, f"http://127.0.0.1:{metrics_port}/metrics")
     try:
         wait_for(running.serving, 120, "the front ends to serve")
         yield running
@@ -107,6 +108,18 @@ def test_any_front_end_serves_any_session(cluster: Cluster) -> None:
         if len(pids) == 2:
             break
     assert len(pids) == 2, "every Step went to one front end"
+    # One /metrics sums both front ends' request series and the core's token counts.
+    samples = scrape(cluster.metrics)
+    steps = sample(
+        samples,
+        "grpc_server_handled_total",
+        grpc_code="OK",
+        grpc_method="Step",
+        grpc_service="rnnserve.v1.Inference",
+        grpc_type="unary",
+    )
+    assert steps >= position // 2
+    assert sample(samples, "rnnserve_tokens_in_total", model="tiny-lstm") >= position
     channel, stub = cluster.stub()
     with channel:
         resumed = list(
