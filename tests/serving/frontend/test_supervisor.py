@@ -181,3 +181,58 @@ def test_a_killed_engine_core_fails_calls_fast_and_comes_back_with_its_sessions(
     assert codes and set(codes) == {grpc.StatusCode.UNAVAILABLE}
     assert response.prediction.position == 4
     assert core not in cluster.children()
+
+
+def test_front_ends_authenticate_and_the_core_checks_ownership(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    tokens = tmp_path / "tokens"
+    tokens.write_text("alice:alice-secret-token\nbob:bob-secret-token\n")
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            RNNSERVE, "serve", "--repository", str(model_repository), "--port", str(port),
+            "--frontends", "2", "--metrics-port", "0", "--reload-interval-s", "0",
+            "--auth-tokens-file", str(tokens), "--grace-period-s", "1",
+        ]
+    )  # fmt: skip
+    cluster = Cluster(process, f"127.0.0.1:{port}", tmp_path / "unused", "")
+    alice = (("authorization", "Bearer alice-secret-token"),)
+    bob = (("authorization", "Bearer bob-secret-token"),)
+    try:
+
+        def answers_alice() -> bool:
+            channel, stub = cluster.stub()
+            with channel:
+                try:
+                    stub.ListModels(pb.ListModelsRequest(), metadata=alice, timeout=2)
+                    return True
+                except grpc.RpcError:
+                    return False
+
+        wait_for(answers_alice, 120, "the front ends to serve")
+        channel, stub = cluster.stub()
+        with channel:
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.CreateSession(pb.CreateSessionRequest(model="tiny-gru"), timeout=10)
+            assert refused.value.code() == grpc.StatusCode.UNAUTHENTICATED
+            session_id = stub.CreateSession(
+                pb.CreateSessionRequest(model="tiny-gru"), metadata=alice, timeout=10
+            ).session_id
+        pids = set()
+        for _ in range(40):  # bob is refused by every front end; alice is served by every one
+            channel, stub = cluster.stub()
+            with channel:
+                with pytest.raises(grpc.RpcError) as foreign:
+                    stub.Step(pb.StepRequest(session_id=session_id, tokens=[1]), metadata=bob, timeout=10)
+                assert foreign.value.code() == grpc.StatusCode.NOT_FOUND
+                _, call = stub.Step.with_call(
+                    pb.StepRequest(session_id=session_id, tokens=[1]), metadata=alice, timeout=10
+                )
+                pids.add(dict(call.trailing_metadata())[FRONTEND_KEY])
+            if len(pids) == 2:
+                break
+        assert len(pids) == 2
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
