@@ -24,7 +24,7 @@ from collections.abc import Sequence
 from typing import Any
 
 from serving.core.errors import InferenceFailedError, InvalidArgumentError, ServingError
-from serving.core.interface import GenerationStream
+from serving.core.interface import GenerationStream, SessionRef
 from serving.core.local import LocalEngine
 from serving.core.registry import ModelRegistry
 from serving.core.runtime import Runtime
@@ -49,6 +49,7 @@ class _FrontendProtocol(asyncio.Protocol):
         self.transport: asyncio.Transport | None = None
         self.outbox: list[tuple[int, int, Any]] = []
         self.generations: dict[int, GenerationStream] = {}
+        self.bindings: dict[int, SessionRef] = {}  # its streams' bindings, released if it goes away
 
     def connection_made(self, transport: asyncio.BaseTransport) -> None:
         assert isinstance(transport, asyncio.Transport)
@@ -75,6 +76,9 @@ class _FrontendProtocol(asyncio.Protocol):
         for generation in self.generations.values():
             generation.cancel()  # its reader is gone
         self.generations.clear()
+        for ref in self.bindings.values():  # its streams ended with it, as a client's disconnect
+            self.core.release_orphan(ref)
+        self.bindings.clear()
 
     def answer(self, number: int, kind: int, payload: Any) -> None:
         if number == 0 or self.transport is None:
@@ -136,6 +140,15 @@ class EngineCore:
             )
             peer.answer(number, ERROR, messages.error_payload(error))
 
+    def release_orphan(self, ref: SessionRef) -> None:
+        self._spawn(self._release_quietly(ref))
+
+    async def _release_quietly(self, ref: SessionRef) -> None:
+        try:
+            await self.api.release(ref, False)
+        except ServingError:
+            return  # the session is gone already, or the core is shutting down: nothing to release
+
     def _spawn(self, coroutine: Any) -> None:
         task = asyncio.get_running_loop().create_task(coroutine)
         self._tasks.add(task)
@@ -151,6 +164,10 @@ class EngineCore:
             failure = InferenceFailedError(f"{method} failed in the engine core: {error}")
             peer.answer(number, ERROR, messages.error_payload(failure))
         else:
+            if isinstance(result, SessionRef) and result.binding:
+                peer.bindings[result.binding] = result
+            elif method == "release":
+                peer.bindings.pop(args[0].binding, None)
             peer.answer(number, RESULT, result)
 
     async def _generate(self, peer: _FrontendProtocol, number: int, args: Sequence[Any]) -> None:

@@ -6,6 +6,7 @@ from __future__ import annotations
 import asyncio
 from collections.abc import Awaitable, Callable
 from pathlib import Path
+from typing import Any
 
 import pytest
 
@@ -31,11 +32,13 @@ class Pair:
         self.runtime, self.local, self.core, self.remote = runtime, local, core, remote
 
 
-def with_pair(repository: Path, tmp_path: Path, body: Callable[[Pair], Awaitable[None]]) -> None:
+def with_pair(
+    repository: Path, tmp_path: Path, body: Callable[[Pair], Awaitable[None]], **overrides: Any
+) -> None:
     """Run `body` against a Runtime served by an EngineCore and reached through a RemoteRuntime."""
 
     async def scenario() -> None:
-        settings = ServerSettings(repository=repository, port=0)
+        settings = ServerSettings(repository=repository, port=0, **overrides)
         runtime = Runtime(settings, load_repository(settings))
         runtime.start()
         local = LocalEngine(runtime)
@@ -137,3 +140,22 @@ def test_concurrent_calls_share_messages(model_repository: Path, tmp_path: Path)
 
 def test_a_lost_core_fails_calls_with_unavailable(model_repository: Path, tmp_path: Path) -> None:
     with_pair(model_repository, tmp_path, _a_lost_core_fails_calls_with_unavailable)
+
+
+async def _orphaned_streams_end_with_their_front_end(pair: Pair) -> None:
+    kept = await pair.remote.open_session("tiny-gru")  # a session without a stream stays
+    ref = await pair.remote.open_session("tiny-gru", options=StepOptions())
+    await pair.remote.step(ref, [1])
+    assert len(pair.runtime.sessions) == 2
+    await pair.remote.connection.close()  # the front end goes away with the stream open
+    for _ in range(400):  # the core closes the stream's session (--close-on-disconnect)
+        if len(pair.runtime.sessions) == 1:
+            break
+        await asyncio.sleep(0.01)
+    assert [session.id for session in pair.runtime.sessions] == [kept.id]
+
+
+def test_orphaned_streams_end_with_their_front_end(model_repository: Path, tmp_path: Path) -> None:
+    with_pair(
+        model_repository, tmp_path, _orphaned_streams_end_with_their_front_end, close_on_disconnect=True
+    )
