@@ -21,6 +21,7 @@ import subprocess
 import sys
 import time
 from pathlib import Path
+from typing import Any
 
 import grpc
 
@@ -106,11 +107,74 @@ async def closed_loop(
     await asyncio.gather(*tasks)
     for channel in channels:
         await channel.close(None)
+    latencies.sort()
     return {
+        "streams": streams,
+        "messages_per_s": counted / duration_s,
         "tokens_per_s": counted / duration_s,
         "p50_ms": statistics.median(latencies) / 1e6 if latencies else float("nan"),
+        "p50_us": statistics.median(latencies) / 1e3 if latencies else float("nan"),
+        "p99_us": latencies[int(len(latencies) * 0.99)] / 1e3 if latencies else float("nan"),
         "cpu_us_per_token": (cpu_after - cpu_before) / max(counted, 1) * 1e6,
     }
+
+
+class ServeProcess:
+    """`rnnserve serve --frontends N` in a child process, on a free port; a context manager."""
+
+    def __init__(self, repository: Path, host: str, frontends: int) -> None:
+        self.port = _free_port()
+        self.target = f"{host}:{self.port}"
+        command = [
+            sys.executable, "-m", "serving.cli", "serve", "--repository", str(repository), "--host", host,
+            "--port", str(self.port), "--frontends", str(frontends), "--metrics-port", "0",
+            "--reload-interval-s", "0", "--log-level", "WARNING",
+        ]  # fmt: skip
+        self.process = subprocess.Popen(command)
+
+    def __enter__(self) -> ServeProcess:
+        return self
+
+    def __exit__(self, *exc: object) -> None:
+        self.process.send_signal(signal.SIGTERM)
+        try:
+            self.process.wait(60)
+        except subprocess.TimeoutExpired:
+            self.process.kill()
+            self.process.wait()
+
+
+FRONTEND_COUNTS = (1, 2)
+SCALING_STREAMS = 256
+
+
+async def run_frontends_scenario(bench: Any) -> dict[str, Any]:
+    """The `frontends` scenario of `rnnserve bench`: SCALING_STREAMS streams (and 1) against
+    `--frontends 1` and `--frontends 2`, server CPU summed over all server processes."""
+    bench.stop_server()  # the in-process server would compete for the cores
+    config = bench.config
+    section: dict[str, Any] = {}
+    for model in bench.models:
+        for frontends in FRONTEND_COUNTS:
+            with ServeProcess(bench.repository, config.host, frontends) as server:
+                await _ready(server.target)
+                sweep = [
+                    await closed_loop(
+                        server.target,
+                        model.name,
+                        streams,
+                        8,
+                        config.warmup_s,
+                        config.duration_s,
+                        server.process.pid,
+                    )
+                    for streams in (1, SCALING_STREAMS)
+                ]
+            section[f"{model.name} --frontends {frontends}"] = {
+                "sweep": sweep,
+                "note": "server CPU µs/token: " + ", ".join(f"{p['cpu_us_per_token']:.0f}" for p in sweep),
+            }
+    return section
 
 
 def main(argv: list[str] | None = None) -> int:

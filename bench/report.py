@@ -15,6 +15,8 @@ from dataclasses import asdict, dataclass
 from pathlib import Path
 from typing import Any
 
+from bench.frontends import SCALING_STREAMS
+
 MIB = 1024 * 1024
 
 
@@ -117,6 +119,21 @@ def compute_targets(results: dict[str, Any]) -> list[Target]:
             bound = float(goal.split()[1])
             met = ratio <= bound if goal.startswith("<=") else ratio >= bound
             targets.append(Target(key, name, label, ratio, goal, met, detail))
+
+        scaling = [
+            _get(_point(results, "frontends", f"{label} --frontends {n}", SCALING_STREAMS), "tokens_per_s")
+            for n in (1, 2)
+        ]
+        if _get(results, "scenarios", "frontends") is not None:
+            one, two = scaling
+            name = f"{SCALING_STREAMS} streams tokens/s: --frontends 2 vs --frontends 1"
+            if one is None or two is None:
+                targets.append(Target("frontends", name, label, None, ">= 1.3", None, "not measured"))
+            else:
+                detail = f"{_num(two)} vs {_num(one)} tokens/s"
+                targets.append(
+                    Target("frontends", name, label, two / one, ">= 1.3", two / one >= 1.3, detail)
+                )
 
         int8 = _get(engine, "int8_batch1_step")
         if int8:

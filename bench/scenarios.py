@@ -24,6 +24,7 @@ from bench import load as bench_load
 from bench.cluster import NginxProcess, RedisProcess, ReplicaProcess, start_all, stop_all
 from bench.echo import echo_process_main
 from bench.engine import EngineSettings, measure_engine, quantize_int8
+from bench.frontends import SCALING_STREAMS, run_frontends_scenario
 from bench.model import BenchModel, ModelSizes, read_model, resolve_spec
 from bench.procs import ServerProcess
 from bench.server import make_settings, server_process_main
@@ -406,6 +407,13 @@ SCENARIOS = {
         Scenario("generate", "server, --generations concurrent Generate calls", run_generate),
         Scenario("unbatched", "server with max_batch_size=1, as `stream`", run_unbatched),
         Scenario("sessions", "server resident memory with --sessions idle sessions", run_sessions),
+        Scenario(
+            "frontends",
+            f"rnnserve serve --frontends 1 and 2 at 1 and {SCALING_STREAMS} streams on 8 connections, "
+            f"server CPU summed over its processes (only when named)",
+            run_frontends_scenario,
+            by_default=False,
+        ),
         Scenario(
             "scale",
             f"one server against {SCALE_REPLICAS} replicas behind nginx, and Redis state saves every "
