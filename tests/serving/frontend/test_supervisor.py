@@ -183,6 +183,22 @@ def test_a_killed_engine_core_fails_calls_fast_and_comes_back_with_its_sessions(
     assert core not in cluster.children()
 
 
+def test_sigterm_drains_then_saves_the_snapshot_and_exits_zero(cluster: Cluster) -> None:
+    response, _ = cluster.step(cluster_session(cluster), [1])
+    assert response.prediction.position == 1
+    signalled = time.time_ns()
+    cluster.process.send_signal(signal.SIGTERM)
+    assert cluster.process.wait(60) == 0
+    assert cluster.snapshot.stat().st_mtime_ns > signalled  # the core saved at its shutdown
+    assert cluster.children() == {}
+
+
+def cluster_session(cluster: Cluster) -> str:
+    channel, stub = cluster.stub()
+    with channel:
+        return str(stub.CreateSession(pb.CreateSessionRequest(model="tiny-gru"), timeout=10).session_id)
+
+
 def test_front_ends_authenticate_and_the_core_checks_ownership(
     model_repository: Path, tmp_path: Path
 ) -> None:
