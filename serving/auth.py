@@ -28,6 +28,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
+import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -240,3 +241,21 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
     return grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def metrics_tls_context(settings: ServerSettings) -> ssl.SSLContext | None:
+    """An HTTPS context for /metrics with the gRPC server's --tls-cert/--tls-key; None without TLS.
+
+    Raises SecurityConfigError when the certificate or key cannot be used.
+    """
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise SecurityConfigError(
+            f"--tls-cert {settings.tls_cert} and --tls-key {settings.tls_key} cannot serve /metrics: {error}"
+        ) from None
+    return context

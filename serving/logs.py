@@ -222,6 +222,7 @@ class CallTracker(grpc.aio.ServerInterceptor):
                 raise
             finally:
                 self._end(context, method, counted, started, error)
+                error = None  # frame -> error -> traceback -> frame: keep the request out of a cycle
 
         return wrapped
 
@@ -240,5 +241,6 @@ class CallTracker(grpc.aio.ServerInterceptor):
                 # Close the handler now (its own `finally` runs here, inside this call's context).
                 await responses.aclose()
                 self._end(context, method, counted, started, error)
+                error = None  # as in _unary
 
         return wrapped

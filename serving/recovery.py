@@ -64,7 +64,7 @@ from serving.redis_store import (
 )
 from serving.registry import LoadedModel
 from serving.scheduler import Batcher
-from serving.sessions import Session, SessionManager
+from serving.sessions import Session, SessionIdInUseError, SessionManager
 from serving.settings import ServerSettings
 from serving.state_pool import HostStatePool, SavedRows
 
@@ -317,10 +317,7 @@ class SessionRecovery:
         if claimed is False:
             self._foreign.add(session.id)
             self.sessions.close(session)
-            raise InvalidArgumentError(
-                f"session id {session.id} is taken by another session; propose a fresh id or let "
-                f"the server choose one"
-            )
+            raise InvalidArgumentError(str(SessionIdInUseError(session.id)))
 
     def stepped(self, session: Session) -> Awaitable[Any] | None:
         """A request on the session succeeded and released it. Returns the save to await before

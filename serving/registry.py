@@ -21,6 +21,7 @@ import numpy as np
 
 from serving.engine import ORT_ERRORS, Engine, EngineError, EngineOptions, load_engine
 from serving.errors import NotFoundError
+from serving.names import MODEL_NAME_RULE, shown, valid_model_name
 from serving.observers import ServerObserver
 from serving.repository import (
     ModelManifest,
@@ -213,7 +214,9 @@ class ModelRegistry:
         return next((m for m in self.versions(name) if not m.retired), None)
 
     def _missing_model(self, name: str) -> NotFoundError:
-        return NotFoundError(f"model {name!r} is not served; models: {self.names() or 'none'}")
+        """NOT_FOUND for a name this registry does not serve, whatever its length (echoed cut)."""
+        rule = "" if valid_model_name(name) else f" (model names are {MODEL_NAME_RULE})"
+        return NotFoundError(f"model {shown(name)} is not served{rule}; models: {self.names() or 'none'}")
 
     def describe(self, name: str, version: int = 0) -> LoadedModel:
         """A loaded version for the catalogue (retired ones too); 0 = the latest."""

@@ -25,6 +25,7 @@ import onnx
 from onnx import TensorProto
 
 from export import signature as sig
+from serving.names import MODEL_NAME_RULE, valid_model_name
 from serving.tokenizer import Tokenizer, TokenizerError, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
@@ -130,6 +131,8 @@ def _require(config: Mapping[str, Any], key: str, kind: type, where: Path) -> An
 def read_manifest(version_dir: Path) -> ModelManifest:
     """Validate one version directory's layout and config.json (not model.onnx's contents)."""
     name = version_dir.parent.name
+    if not valid_model_name(name):
+        raise RepositoryError(f"{version_dir.parent}: model names are {MODEL_NAME_RULE}")
     digits = version_dir.name
     if not digits.isdigit() or int(digits) < 1 or digits != str(int(digits)):
         raise RepositoryError(

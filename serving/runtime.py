@@ -28,6 +28,7 @@ from serving.errors import (
     SessionNotFoundError,
     UnavailableError,
 )
+from serving.names import shown
 from serving.recovery import SessionRecovery
 from serving.registry import LoadedModel, ModelRegistry
 from serving.sampling import Sampler, SamplingParams
@@ -40,7 +41,7 @@ from serving.scheduler import (
     TokenChannel,
     Work,
 )
-from serving.sessions import Session, SessionLimits, SessionManager
+from serving.sessions import Session, SessionIdInUseError, SessionLimits, SessionManager
 from serving.settings import ServerSettings
 from serving.tokenizer import TokenizerError
 
@@ -238,10 +239,8 @@ class Runtime:
         model = self.registry.resolve(model_name, version)
         try:
             return self.sessions.create(model, owner, session_id)
-        except ValueError:
-            raise InvalidArgumentError(
-                f"session id {session_id} is already open; propose a fresh id or let the server choose one"
-            ) from None
+        except SessionIdInUseError as in_use:
+            raise InvalidArgumentError(str(in_use)) from None
 
     async def find_session(self, session_id: str, owner: str | None = None) -> Session:
         """The open session with this id and owner; with Redis, one this replica does not hold
@@ -340,7 +339,7 @@ class Runtime:
             if params.model and params.model != model.name:
                 raise InvalidArgumentError(
                     f"session {session.id} is on model {model.name!r}, "
-                    f"not {params.model!r}; leave model empty to continue it"
+                    f"not {shown(params.model)}; leave model empty to continue it"
                 )
             if params.version and params.version != model.version:
                 raise InvalidArgumentError(
