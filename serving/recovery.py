@@ -316,7 +316,7 @@ class SessionRecovery:
         claimed = await self._enqueue(session.id, functools.partial(self._save_record, record, True))
         if claimed is False:
             self._foreign.add(session.id)
-            self.sessions.close(session)
+            self.sessions.withdraw(session)
             raise InvalidArgumentError(str(SessionIdInUseError(session.id)))
 
     def stepped(self, session: Session) -> Awaitable[Any] | None:

@@ -400,7 +400,7 @@ class Runtime:
             work.finish(error)
             if opened and not session.closed:
                 # The caller never learns the id of a kept session whose Generate failed here.
-                self.sessions.close(session)
+                self.sessions.withdraw(session)
             raise
         return Generation(session, work, self._decoder(model))
 

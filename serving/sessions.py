@@ -264,6 +264,11 @@ class SessionManager:
         """End a session now (CloseSession, CONTROL_END, an ephemeral Generate's end)."""
         self._end(session, "closed", f"session {session.id} was closed")
 
+    def withdraw(self, session: Session) -> None:
+        """End a session whose opening failed (no caller learned of it): closed, and its id is
+        not remembered, so it is neither explained nor reserved afterwards."""
+        self._end(session, "closed", "", remember=False)
+
     def expire_idle(self) -> int:
         """Expire every idle session past the timeout; returns how many expired."""
         cutoff = self.clock() - self.limits.idle_timeout_s
@@ -285,12 +290,12 @@ class SessionManager:
             f"requests; open a new session",
         )
 
-    def _end(self, session: Session, reason: str, message: str) -> None:
+    def _end(self, session: Session, reason: str, message: str, remember: bool = True) -> None:
         if session.closed:
             return
         session.closed = True
         del self._sessions[session.id]
-        if self.limits.gone_memory > 0:
+        if remember and self.limits.gone_memory > 0:
             self._gone[session.id] = GoneSession(session.owner, message, self.clock())
             while len(self._gone) > self.limits.gone_memory:
                 self._gone.popitem(last=False)

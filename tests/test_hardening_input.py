@@ -46,6 +46,7 @@ from export import signature as sig
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
 from serving.client import RnnserveClient, StreamSession
+from serving.names import MODEL_NAME_RULE, valid_model_name
 from serving.repository import sha256_file
 
 T = TypeVar("T")
@@ -964,7 +965,8 @@ def test_unknown_models_and_versions(harness: Harness, name: str, version: int, 
     if name == "" and rpc in empty_name:
         result.expect(INVALID, empty_name[rpc])
     elif name not in SERVED:
-        result.expect(NOT_FOUND, f"model {name!r} is not served; models: ['tiny-gru', 'tiny-lstm']")
+        rule = "" if valid_model_name(name) else f" (model names are {MODEL_NAME_RULE})"
+        result.expect(NOT_FOUND, f"model {name!r} is not served{rule}; models: ['tiny-gru', 'tiny-lstm']")
     elif version not in (0, 1) and rpc == "GetModel":
         result.expect(NOT_FOUND, f"model {name!r} has no loaded version {version}; loaded versions: [1]")
     elif version not in (0, 1):
