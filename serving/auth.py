@@ -160,8 +160,18 @@ _HANDLER_FACTORIES: dict[tuple[bool, bool], Callable[..., grpc.RpcMethodHandler]
 }
 
 
+def _discard(data: bytes) -> None:
+    """The request deserializer of a refused call: its body is never decoded."""
+    return None
+
+
 def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers UNAUTHENTICATED and does nothing else."""
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED and does nothing else.
+
+    The request body is not decoded, and the status is set rather than raised with
+    `context.abort` (whose exception and traceback would keep the call's objects in a reference
+    cycle until the garbage collector ran), so an unauthenticated flood costs no memory.
+    """
     streaming_requests = handler.request_streaming
 
     async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
@@ -173,11 +183,12 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
             # Core") instead of this status. Bounded, so a silent client cannot hold the call.
             with contextlib.suppress(asyncio.TimeoutError):  # the same class as TimeoutError (3.11+)
                 await asyncio.wait_for(context.read(), FIRST_MESSAGE_WAIT_S)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        context.set_code(grpc.StatusCode.UNAUTHENTICATED)
+        context.set_details(message)
 
     return _HANDLER_FACTORIES[handler.request_streaming, handler.response_streaming](
         refuse,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=_discard,
         response_serializer=handler.response_serializer,
     )
 

@@ -311,6 +311,7 @@ def test_metrics_speak_tls_and_want_a_token_when_the_server_does(
                 server.scrape(token=token, tls_ca=certificates.ca)
             assert refused.value.code == 401
             assert refused.value.headers["WWW-Authenticate"].startswith("Bearer")
+            refused.value.close()
         # Plain HTTP, or a CA that did not sign the certificate, gets nothing.
         with pytest.raises((urllib.error.URLError, ConnectionError)):
             scrape(url.replace("https://", "http://"), token=ALICE)
