@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import gc
 import json
+import shutil
 import subprocess
 import sys
 import types
@@ -244,3 +245,20 @@ def test_the_refused_flood_benchmark_runs_and_checks_its_targets(tmp_path: Path)
     assert figures["requests"] > 0 and set(figures["statuses"]) == {"RESOURCE_EXHAUSTED"}
     assert figures["receive_limit_bytes"] == ServerSettings().receive_message_bytes
     assert figures["legal_maximal_request_ok"] is True
+
+
+def test_the_repository_refuses_model_names_outside_the_allowed_form(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    from serving.repository import scan_repository
+
+    for name in ("tiny gru", "x" * 129, "-tiny", "tiny-gru"):
+        shutil.copytree(model_repository / "tiny-gru", tmp_path / name)
+    scan = scan_repository(tmp_path)
+    assert sorted(scan.versions) == ["tiny-gru"]
+    assert sorted(str(refused.path.parent.name) for refused in scan.refused) == sorted(
+        ["tiny gru", "x" * 129, "-tiny"]
+    )
+    assert all(
+        "model names are 1-128 characters of A-Z a-z 0-9" in refused.reason for refused in scan.refused
+    )
