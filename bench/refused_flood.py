@@ -3,7 +3,7 @@
     python bench/refused_flood.py                                   # 8 clients x 20 s, then 10 s idle
     python bench/refused_flood.py --server-option max_message_bytes=4194304   # the old fixed limit
 
-The server runs in a child process (serving.bench_server, on a synthetic tiny model). Each client
+The server runs in a child process (bench.server, on a synthetic tiny model). Each client
 holds one session and sends, back to back, a Step just under the server's receive limit filled
 with one-byte token ids: gRPC decodes it (it fits the limit), then the token check refuses it with
 RESOURCE_EXHAUSTED (it holds more than --max-tokens-per-request ids). That is the most memory a
@@ -32,11 +32,11 @@ from typing import Any
 
 import grpc
 
+from bench.model import ModelSizes, write_synthetic_model
+from bench.procs import ServerProcess
+from bench.server import make_settings, server_process_main
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc as pb_grpc
-from serving.bench_model import ModelSizes, write_synthetic_model
-from serving.bench_procs import ServerProcess
-from serving.bench_server import make_settings, server_process_main
 
 MIB = 1024 * 1024
 TARGET_PEAK_MIB = 100.0
