@@ -35,10 +35,23 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from contract.session_id import is_session_id, new_session_id
-from serving.core.errors import ResourceExhaustedError, SessionNotFoundError, UnavailableError
+from serving.core.errors import (
+    AlreadyExistsError,
+    Reason,
+    ResourceExhaustedError,
+    SessionNotFoundError,
+    UnavailableError,
+)
 from serving.core.observers import ServerObserver
 from serving.core.registry import LoadedModel, ModelRegistry
 from serving.core.state_pool import PoolFullError
+
+# How a session ended (the metrics' label) -> what a later request for it is told.
+_GONE_REASONS = {
+    "closed": Reason.SESSION_CLOSED,
+    "expired": Reason.SESSION_EXPIRED,
+    "evicted": Reason.SESSION_EVICTED,
+}
 
 
 @dataclass(eq=False, slots=True)
@@ -64,16 +77,20 @@ class GoneSession:
     """What is remembered of a session that ended: for its owner's late requests and reservation."""
 
     owner: str | None
+    reason: Reason  # SESSION_CLOSED, SESSION_EXPIRED or SESSION_EVICTED
     message: str  # why it is gone, told to its owner only
     ended_at: float  # monotonic seconds
 
 
-class SessionIdInUseError(ValueError):
-    """A proposed id names an open session, or one reserved for another identity."""
+class SessionIdInUseError(AlreadyExistsError):
+    """A proposed id names an open session, or one reserved for another identity: ALREADY_EXISTS
+    with reason SESSION_ID_IN_USE, in the same words whoever holds the id."""
 
     def __init__(self, session_id: str) -> None:
         super().__init__(
-            f"session id {session_id} is in use; propose a fresh id or let the server choose one"
+            f"session id {session_id} is in use; propose a fresh id or let the server choose one",
+            Reason.SESSION_ID_IN_USE,
+            sessionId=session_id,
         )
 
 
@@ -129,7 +146,9 @@ class SessionManager:
         if owner is not None and limit and self._owned.get(owner, 0) >= limit:
             raise ResourceExhaustedError(
                 f"{owner} holds its limit of {limit} open sessions (--max-sessions-per-token); "
-                f"close one (CloseSession or CONTROL_END) or let one expire"
+                f"close one (CloseSession or CONTROL_END) or let one expire",
+                Reason.OWNER_SESSION_LIMIT,
+                limit=limit,
             )
         if len(self._sessions) >= self.limits.max_sessions:
             self._make_room()
@@ -137,7 +156,10 @@ class SessionManager:
             slot = model.engine.acquire_slot()
         except PoolFullError:
             raise ResourceExhaustedError(
-                f"{model.label} has no free state slot ({self.limits.max_sessions} sessions)"
+                f"{model.label} has no free state slot ({self.limits.max_sessions} sessions)",
+                Reason.SESSION_LIMIT,
+                model=model.name,
+                limit=self.limits.max_sessions,
             ) from None
         new_id = session_id or new_session_id()
         session = Session(new_id, model, slot, owner, self.clock())
@@ -165,7 +187,9 @@ class SessionManager:
         limit = self.limits.max_sessions
         if self.limits.overflow == "refuse":
             raise ResourceExhaustedError(
-                f"the server holds its limit of {limit} sessions; close a session or retry later"
+                f"the server holds its limit of {limit} sessions; close a session or retry later",
+                Reason.SESSION_LIMIT,
+                limit=limit,
             )
         for session in self._sessions.values():
             if not session.busy:
@@ -176,36 +200,40 @@ class SessionManager:
                     f"reached its limit of {limit} sessions; open a new session",
                 )
                 return
-        raise ResourceExhaustedError(f"the server holds its limit of {limit} sessions and all are in use")
+        raise ResourceExhaustedError(
+            f"the server holds its limit of {limit} sessions and all are in use",
+            Reason.SESSION_LIMIT,
+            limit=limit,
+        )
 
     def get(self, session_id: str, owner: str | None = None) -> Session:
         """The open session with this id (and owner); raises SessionNotFoundError saying why not."""
         session = self._sessions.get(session_id)
         if session is None or session.owner != owner:
-            raise SessionNotFoundError(self._why_missing(session_id, owner))
+            raise self._why_missing(session_id, owner)
         now = self.clock()
         if not session.busy and now - session.last_used > self.limits.idle_timeout_s:
             self._expire(session)
-            raise SessionNotFoundError(self._why_missing(session_id, owner))
+            raise self._why_missing(session_id, owner)
         session.last_used = now
         self._sessions.move_to_end(session_id)
         return session
 
-    def _unknown(self, session_id: str) -> str:
+    def _unknown(self, session_id: str) -> SessionNotFoundError:
         shown = session_id if len(session_id) <= 64 else session_id[:64] + "…"
         if not is_session_id(session_id):
-            return (
+            return SessionNotFoundError(
                 f"session {shown!r} not found: session ids are 32 lower-case hex characters, "
                 f"as returned by CreateSession, a Stream's open or Generate"
             )
-        return f"session {shown!r} not found"
+        return SessionNotFoundError(f"session {shown!r} not found", sessionId=session_id)
 
-    def _why_missing(self, session_id: str, owner: str | None) -> str:
-        """Why `owner` finds no session under this id: how it ended if it was the owner's, else
-        the answer for an id that never existed."""
+    def _why_missing(self, session_id: str, owner: str | None) -> SessionNotFoundError:
+        """Why `owner` finds no session under this id: how it ended (with that reason) if it was
+        the owner's, else the answer for an id that never existed."""
         gone = self._gone.get(session_id)
         if gone is not None and gone.owner == owner:
-            return gone.message
+            return SessionNotFoundError(gone.message, gone.reason, sessionId=session_id)
         return self._unknown(session_id)
 
     async def acquire(self, session: Session) -> None:
@@ -214,7 +242,7 @@ class SessionManager:
         await session.lock.acquire()
         if session.closed:
             session.lock.release()
-            raise SessionNotFoundError(self._why_missing(session.id, session.owner))
+            raise self._why_missing(session.id, session.owner)
         if self.frozen:
             session.lock.release()
             raise UnavailableError(
@@ -293,7 +321,7 @@ class SessionManager:
         session.closed = True
         del self._sessions[session.id]
         if remember and self.limits.gone_memory > 0:
-            self._gone[session.id] = GoneSession(session.owner, message, self.clock())
+            self._gone[session.id] = GoneSession(session.owner, _GONE_REASONS[reason], message, self.clock())
             while len(self._gone) > self.limits.gone_memory:
                 self._gone.popitem(last=False)
         if session.owner is not None:

@@ -1,4 +1,5 @@
-"""`rnnserve serve`: the gRPC server (rnnserve.v1.Inference, grpc.health.v1.Health, reflection).
+"""`rnnserve serve`: the gRPC server (rnnserve.v1.Inference, grpc.health.v1.Health, reflection v1
+and v1alpha; see serving.frontend.standard_services).
 
 main() reads top to bottom: parse the settings, check the security files, load the models,
 build the server (metrics, auth, TLS, hot reload, snapshots), restore saved sessions, serve until
@@ -38,9 +39,7 @@ import time
 from collections.abc import Sequence
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from protos.rnnserve.v1 import inference_pb2
 from serving.core.engine import EngineError, resolve_providers
@@ -48,8 +47,12 @@ from serving.core.observers import ServerObserver
 from serving.core.registry import ModelRegistry, load_repository
 from serving.core.repository import RepositoryError
 from serving.core.runtime import Runtime
-from serving.frontend.health_service import LimitedHealthServicer
 from serving.frontend.servicer import Identity, InferenceServicer, add_inference_servicer, no_identity
+from serving.frontend.standard_services import (
+    HealthServicer,
+    add_health_servicer,
+    enable_reflection,
+)
 from serving.ops.auth import (
     AuthInterceptor,
     SecurityConfigError,
@@ -68,7 +71,6 @@ from serving.state.snapshot import SessionSnapshots
 log = logging.getLogger("rnnserve.server")
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-SERVICE_NAMES = (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
 STOP_SETTLE_S = 0.5  # after the freeze: time for calls to write their last answers
 QUIET_WAIT_S = 5.0  # after the gRPC stop: most time for cancelled work to leave the workers
 
@@ -251,9 +253,9 @@ async def create_server(
     calls = CallTracker(settings.log_requests)
     grpc_server = grpc.aio.server(options=server_options(settings), interceptors=[calls, *interceptors])
     add_inference_servicer(InferenceServicer(runtime, identity), grpc_server)
-    health_servicer = LimitedHealthServicer(settings.max_health_watches_per_peer)
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    reflection.enable_server_reflection(SERVICE_NAMES, grpc_server)
+    health_servicer = HealthServicer(settings.max_health_watches_per_peer)
+    add_health_servicer(health_servicer, grpc_server)
+    enable_reflection((INFERENCE_SERVICE, health.SERVICE_NAME), grpc_server)
     server = RnnserveServer(settings, runtime, grpc_server, health_servicer, calls)
     await server.update_health()  # NOT_SERVING until start()
     port = _bind(grpc_server, settings.address, credentials)
@@ -310,7 +312,7 @@ async def build_server(
             raise BindError(str(error)) from None
     if settings.health_port:
         health_server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(server.health, health_server)
+        add_health_servicer(server.health, health_server)
         server.health_port = _bind(health_server, settings.health_address, None)
         server.health_server = health_server
     return server, port

@@ -1,8 +1,10 @@
 """The gRPC servicer of rnnserve.v1.Inference: protobuf in, a Runtime call, protobuf out.
 
-Every handler turns a ServingError into its status (errors.status_code) with the error's message;
-nothing else is decided here. `identity(context)` names the caller for session ownership (None
-while auth is off; the auth layer supplies its own function).
+Every handler turns a ServingError into its status with `errors.refuse`: the code, the error's
+message and an ErrorInfo with its reason, set without raising (so a refused request is freed at
+once), after which the handler returns; nothing else is decided here. `identity(context)`
+names the caller for session ownership (None while auth is off; the auth layer supplies its own
+function).
 
 Register the servicer with `add_inference_servicer`, not the generated
 `add_InferenceServicer_to_server`: a request body that is not the method's protobuf message then
@@ -27,11 +29,13 @@ from protos.rnnserve.v1 import inference_pb2_grpc
 from serving.core.batcher import PredictionRequest, StepResult
 from serving.core.errors import (
     InvalidArgumentError,
+    Reason,
     ServingError,
     SessionNotFoundError,
+    StreamIdleError,
     StreamOrderError,
     UnavailableError,
-    status_code,
+    refuse,
 )
 from serving.core.registry import LoadedModel
 from serving.core.runtime import GenerateParams, Runtime
@@ -59,7 +63,8 @@ class MalformedRequest:
 
     def error(self) -> InvalidArgumentError:
         return InvalidArgumentError(
-            f"the request body is not a valid {self.message_type} protobuf message: {self.reason}"
+            f"the request body is not a valid {self.message_type} protobuf message: {self.reason}",
+            Reason.MALFORMED_REQUEST,
         )
 
 
@@ -93,19 +98,6 @@ def add_inference_servicer(servicer: InferenceServicer, server: grpc.aio.Server)
     # As the generated code does: calls from generated stubs then skip the generic lookup.
     # (grpc-stubs does not know this grpcio >= 1.62 method.)
     server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
-
-
-def _refuse(context: grpc.aio.ServicerContext, error: ServingError) -> None:
-    """End the call with the error's status and message, without raising.
-
-    Handlers return after this instead of calling `context.abort`: an abort raises through grpc's
-    own frames, which keep the exception, its traceback and so the handler's frame (the request,
-    up to the receive limit in size) in a reference cycle until the garbage collector runs.
-    Measured before: a flood of refused requests held GiBs that way. grpc sends no reply message
-    once the code is not OK.
-    """
-    context.set_code(status_code(error))
-    context.set_details(str(error))
 
 
 def _check_parsed(request: object) -> None:
@@ -245,11 +237,12 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     if not idle.expired():
                         raise
                     ended = True  # ended by the server: the session stays, whatever the settings
-                    kept = "" if session is None else f"; session {session.id} stays open: resume it"
-                    context.set_code(grpc.StatusCode.DEADLINE_EXCEEDED)
-                    context.set_details(
-                        f"the stream sent nothing for {idle.timeout_s:g} s (--stream-idle-timeout-s){kept}"
-                    )
+                    message = f"the stream sent nothing for {idle.timeout_s:g} s (--stream-idle-timeout-s)"
+                    if session is None:
+                        refuse(context, StreamIdleError(message))
+                    else:
+                        kept = f"{message}; session {session.id} stays open: resume it"
+                        refuse(context, StreamIdleError(kept, sessionId=session.id))
                     return
                 finally:
                     idle.stop()
@@ -279,7 +272,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         )
                     if kind == "open":
                         if not request.open.model:
-                            raise InvalidArgumentError("open needs a model name (see ListModels)")
+                            raise InvalidArgumentError(
+                                "open needs a model name (see ListModels)", Reason.MALFORMED_REQUEST
+                            )
                         model = runtime.registry.resolve(request.open.model, request.open.version)
                         options = self._options(model, request.open.options)  # validate before opening
                         proposed = proposed_session_id(metadata)
@@ -290,11 +285,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         found = await runtime.find_session(request.resume.session_id, owner)
                         options = self._options(found.model, request.resume.options)
                         session, event = found, pb.STREAM_EVENT_RESUMED
+                    # The position tells a resuming client which of its chunks the session has
+                    # consumed (one whose answer a lost connection swallowed, or none).
                     yield pb.StreamResponse(
                         session_id=session.id,
                         model=session.model.name,
                         version=session.model.version,
                         event=event,
+                        prediction=pb.Prediction(position=session.position),
                     )
                 elif kind == "control":
                     if session is None:
@@ -309,7 +307,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         await runtime.close(session)
                         ended, event = True, pb.STREAM_EVENT_ENDED
                     else:
-                        raise InvalidArgumentError("control must be CONTROL_RESET or CONTROL_END")
+                        raise InvalidArgumentError(
+                            "control must be CONTROL_RESET or CONTROL_END", Reason.MALFORMED_REQUEST
+                        )
                     yield pb.StreamResponse(
                         session_id=session.id,
                         model=session.model.name,
@@ -321,10 +321,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         return
                 else:
                     raise InvalidArgumentError(
-                        "empty StreamRequest: set one of open, resume, chunk or control"
+                        "empty StreamRequest: set one of open, resume, chunk or control",
+                        Reason.MALFORMED_REQUEST,
                     )
         except ServingError as error:
-            _refuse(context, error)
+            refuse(context, error)
         finally:
             if (
                 session is not None
@@ -370,7 +371,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             )
             generation = await self.runtime.generate(params, self.identity(context))
         except ServingError as error:
-            _refuse(context, error)
+            refuse(context, error)
             return
         kept = bool(request.session_id) or request.keep_session
         session_id = generation.session.id if kept else ""
@@ -385,7 +386,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     finish_reason=pb.FinishReason.Name(chunk.finish_reason or 0),
                 )
         except ServingError as error:
-            _refuse(context, error)
+            refuse(context, error)
         finally:
             generation.cancel()  # a no-op once finished; stops the work when the client went away
 
@@ -401,7 +402,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 request.model, request.version, self.identity(context), proposed
             )
         except ServingError as error:
-            _refuse(context, error)
+            refuse(context, error)
             return None
         return pb.CreateSessionResponse(
             session_id=session.id, model=session.model.name, version=session.model.version
@@ -419,7 +420,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             tokens = runtime.check_tokens(session.model, request.tokens, "a Step")
             result, position = await runtime.step(session, tokens, options)
         except ServingError as error:
-            _refuse(context, error)
+            refuse(context, error)
             return None
         return pb.StepResponse(
             session_id=session.id,
@@ -439,7 +440,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             session = await self.runtime.find_session(request.session_id, self.identity(context))
             await self.runtime.close(session)
         except ServingError as error:
-            _refuse(context, error)
+            refuse(context, error)
             return None
         return pb.CloseSessionResponse()
 
@@ -449,7 +450,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         context: grpc.aio.ServicerContext,
     ) -> pb.ListModelsResponse | None:
         if type(request) is MalformedRequest:
-            _refuse(context, request.error())
+            refuse(context, request.error())
             return None
         registry = self.runtime.registry
         return pb.ListModelsResponse(
@@ -463,7 +464,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             _check_parsed(request)
             model = self.runtime.registry.describe(request.name, request.version)
         except ServingError as error:
-            _refuse(context, error)
+            refuse(context, error)
             return None
         return self._model_info(model.name, [model])
 

@@ -8,10 +8,12 @@ Tokens come from `--auth-tokens-file` (one per line) and from `RNNSERVE_AUTH_TOK
     ci:7d3e1b8f0a2c4e6d9b1f3a5c7e9d2b4f
     4c2a9e7d1b3f5a8c0e2d4b6f8a1c3e5d
 
-With any token configured, every call except the grpc.health.v1 service (probes carry no
+With any token configured, every call except grpc.health.v1's Check and Watch (probes carry no
 secrets) must carry `authorization: Bearer TOKEN` metadata, else it is answered UNAUTHENTICATED
-before any work is done. Server reflection needs a token too (grpcurl: -H 'authorization: Bearer
-...'); it only describes the public API, but an open door is one more to watch.
+(ErrorInfo reason BEARER_TOKEN_MISSING or BEARER_TOKEN_INVALID) before any work is done. Health's
+List needs a token: it enumerates every model name the server serves. Server reflection needs
+a token too (grpcurl: -H 'authorization: Bearer ...'); it only describes the public API, but an
+open door is one more to watch.
 
 A token's identity owns the sessions it opens: any other identity is told NOT_FOUND for them, the
 same answer as for an id that never existed. The identity is NAME when the line names one, so
@@ -36,12 +38,13 @@ from typing import Any
 
 import grpc
 
+from serving.core.errors import Reason, UnauthenticatedError, refuse
 from serving.ops.interceptor import rebuild
 from serving.settings import ServerSettings
 
 AUTHORIZATION_KEY = "authorization"
 BEARER = "bearer "
-OPEN_PREFIXES = ("/grpc.health.v1.Health/",)
+OPEN_PREFIXES = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
 MIN_TOKEN_CHARS = 16
 FIRST_MESSAGE_WAIT_S = 2.0  # how long a refused stream waits for its first message (see _refusal)
 _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")
@@ -156,16 +159,16 @@ def _discard(data: bytes) -> None:
     return None
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler, error: UnauthenticatedError) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that answers UNAUTHENTICATED and does nothing else.
 
-    The request body is not decoded, and the status is set rather than raised with
-    `context.abort` (whose exception and traceback would keep the call's objects in a reference
+    The request body is not decoded, and the status is set rather than raised (`refuse`, not
+    `context.abort`, whose exception and traceback would keep the call's objects in a reference
     cycle until the garbage collector ran), so an unauthenticated flood costs no memory.
     """
     streaming_requests = handler.request_streaming
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def answer(request: Any, context: grpc.aio.ServicerContext) -> None:
         # A coroutine serves every kind: grpc.aio treats one behind a streaming response as a
         # handler that writes with context.write (here it writes nothing).
         if streaming_requests:
@@ -174,10 +177,9 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
             # Core") instead of this status. Bounded, so a silent client cannot hold the call.
             with contextlib.suppress(asyncio.TimeoutError):  # the same class as TimeoutError (3.11+)
                 await asyncio.wait_for(context.read(), FIRST_MESSAGE_WAIT_S)
-        context.set_code(grpc.StatusCode.UNAUTHENTICATED)
-        context.set_details(message)
+        refuse(context, error)
 
-    return rebuild(handler, refuse, request_deserializer=_discard)
+    return rebuild(handler, answer, request_deserializer=_discard)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -198,10 +200,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if token is None:
             return _refusal(
                 handler,
-                "this server needs a bearer token: send the metadata 'authorization: Bearer <token>'",
+                UnauthenticatedError(
+                    "this server needs a bearer token: send the metadata 'authorization: Bearer <token>'",
+                    Reason.BEARER_TOKEN_MISSING,
+                ),
             )
         if self.tokens.identify(token) is None:
-            return _refusal(handler, "the bearer token is not valid on this server")
+            return _refusal(
+                handler,
+                UnauthenticatedError(
+                    "the bearer token is not valid on this server", Reason.BEARER_TOKEN_INVALID
+                ),
+            )
         return handler
 
     def identity(self, context: grpc.aio.ServicerContext) -> str | None:

@@ -140,13 +140,13 @@ class CallTracker(CallInterceptor):
     def watches(self, method: str) -> bool:
         return not method.startswith(HEALTH_PREFIX)
 
-    def begin(self, context: Any, method: str, metadata: Any) -> tuple[bool, float]:
+    def begin(self, context: Any, method: str, metadata: Any, call_type: str) -> tuple[bool, float]:
         rid = choose_request_id(metadata)
         counted = method.startswith(INFERENCE_PREFIX)
         if counted:
             self.in_flight += 1
             self._idle.clear()
-        # Trailing metadata set now survives an abort that passes none of its own.
+        # Set now: `errors.refuse` keeps it beside the status details it adds.
         context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
         # grpc.aio handles each call in its own task, whose context is its own: the id is seen
         # by everything this call runs, and by nothing else.

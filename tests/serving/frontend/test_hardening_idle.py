@@ -12,7 +12,9 @@ from grpc_health.v1 import health_pb2, health_pb2_grpc
 
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc as pb_grpc
-from serving.frontend.health_service import peer_address
+from serving.clients.client import error_info
+from serving.core.errors import Reason
+from serving.frontend.standard_services import peer_address
 from tests.support.servers import ServerThread, run
 
 IDLE_S = 0.5
@@ -39,6 +41,9 @@ def test_a_stream_that_sends_nothing_is_ended_and_its_session_kept(
                 f"the stream sent nothing for {IDLE_S:g} s (--stream-idle-timeout-s); "
                 f"session {opened.session_id} stays open: resume it"
             )
+            info = error_info(idle.value)
+            assert info is not None and info.reason == Reason.STREAM_IDLE.value
+            assert dict(info.metadata) == {"sessionId": opened.session_id}
             # The session kept its state: a new stream resumes it where it was.
             resumed = stub.Stream(timeout=30)
             await resumed.write(pb.StreamRequest(resume=pb.ResumeSession(session_id=opened.session_id)))
@@ -54,6 +59,8 @@ def test_a_stream_that_sends_nothing_is_ended_and_its_session_kept(
                 await silent.read()
             assert never.value.code() == grpc.StatusCode.DEADLINE_EXCEEDED
             assert str(never.value.details()).startswith("the stream sent nothing for 0.5 s")
+            info = error_info(never.value)
+            assert info is not None and info.reason == Reason.STREAM_IDLE.value and not info.metadata
 
     run(scenario())
 
@@ -74,6 +81,9 @@ def test_health_watch_streams_per_client_address_are_capped(make_server: Callabl
             assert "3 health Watch streams open, the limit (--max-health-watches-per-peer)" in str(
                 over.value.details()
             )
+            info = error_info(over.value)
+            assert info is not None and info.reason == Reason.HEALTH_WATCH_LIMIT.value
+            assert dict(info.metadata) == {"limit": "3"}
             # Check is not limited, and a closed Watch makes room for another.
             checked = await health.Check(health_pb2.HealthCheckRequest(service=""), timeout=10)
             assert checked.status == health_pb2.HealthCheckResponse.SERVING

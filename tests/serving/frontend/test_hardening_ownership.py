@@ -182,7 +182,7 @@ def test_a_proposed_id_gets_one_answer_whoever_holds_it_and_ended_ids_stay_reser
     alice, bob = Caller(owned, "alice"), Caller(owned, "bob")
     session = alice.open()
     in_use = alice.propose(session)
-    assert in_use[0] == grpc.StatusCode.INVALID_ARGUMENT and "in use" in in_use[1]
+    assert in_use[0] == grpc.StatusCode.ALREADY_EXISTS and "in use" in in_use[1]
     assert bob.propose(session) == in_use  # not "already open", not whose
     assert alice.close(session) == (grpc.StatusCode.OK, "")
     # Closed: reserved for its owner for the idle timeout.
@@ -227,7 +227,7 @@ def test_sessions_recovered_from_redis_keep_their_owner(model_repository: Path, 
             assert bob.answers(session) == as_if_unknown(bob, session)
             # Claimed in Redis by Alice: Bob's proposal on the other replica gets the in-use answer.
             in_use = Caller(replicas[0], "bob").propose(session)
-            assert in_use[0] == grpc.StatusCode.INVALID_ARGUMENT and "in use" in in_use[1]
+            assert in_use[0] == grpc.StatusCode.ALREADY_EXISTS and "in use" in in_use[1]
             assert bob.propose(session) == in_use
             assert Caller(replicas[1], "alice").answers(session)["Step"][0] == grpc.StatusCode.OK
         finally:
