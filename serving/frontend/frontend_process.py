@@ -52,7 +52,7 @@ class FrontendCallTracker(CallTracker):
 
 def frontend_options(settings: ServerSettings) -> list[tuple[str, int]]:
     return [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.receive_message_bytes),
         ("grpc.max_send_message_length", -1),
         ("grpc.so_reuseport", 1),  # the N front ends share the port; the kernel spreads connections
     ]
@@ -100,8 +100,8 @@ async def run_frontend(settings: ServerSettings, engine_socket: str) -> int:
         identity = auth.identity
         calls.caller = lambda context: tokens.identify_metadata(context.invocation_metadata())
     server = grpc.aio.server(options=frontend_options(settings), interceptors=[calls, *interceptors])
-    add_inference_servicer(InferenceServicer(api, identity, settings.stream_end_linger_s), server)
-    health_servicer = HealthServicer()
+    add_inference_servicer(InferenceServicer(api, identity, settings), server)
+    health_servicer = HealthServicer(settings.max_health_watches_per_peer)
     add_health_servicer(health_servicer, server)
     enable_reflection((INFERENCE_SERVICE, health.SERVICE_NAME), server)
     credentials = server_credentials(settings)

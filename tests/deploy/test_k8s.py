@@ -152,6 +152,7 @@ def test_server_deployment_agrees_with_the_server_settings(objects: list[dict[st
     assert settings.host == "0.0.0.0"
     assert container_port(server, "grpc") == settings.port == default_setting("port")
     assert container_port(server, "metrics") == setting(settings, env, "metrics_port")
+    assert settings.metrics_bind_host == "0.0.0.0"  # else /metrics stays on the pod's loopback
     for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
         assert server[probe]["grpc"]["port"] == settings.port, probe
     assert pod["terminationGracePeriodSeconds"] > settings.grace_period_s
