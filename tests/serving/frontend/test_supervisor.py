@@ -183,6 +183,32 @@ def test_a_killed_engine_core_fails_calls_fast_and_comes_back_with_its_sessions(
     assert core not in cluster.children()
 
 
+def test_a_hung_engine_core_fails_calls_with_unavailable_not_a_hang(cluster: Cluster) -> None:
+    session_id = cluster_session(cluster)
+    core = next(pid for pid, role in cluster.children().items() if role == "core")
+    os.kill(core, signal.SIGSTOP)  # alive but silent: only the heartbeat can tell
+    try:
+        with pytest.raises(grpc.RpcError) as hung:
+            cluster.step(session_id, [1])  # the front end gives up on the core after 2 s
+        assert hung.value.code() == grpc.StatusCode.UNAVAILABLE
+    finally:
+        os.kill(core, signal.SIGCONT)
+    positions, pids = [], set()
+    for _ in range(80):  # both front ends reconnect to the same core
+        try:
+            answered, pid = cluster.step(session_id, [2])
+            positions.append(answered.prediction.position)
+            pids.add(pid)
+            if len(pids) == 2:
+                break
+        except grpc.RpcError as error:
+            assert error.code() == grpc.StatusCode.UNAVAILABLE
+            time.sleep(0.25)
+    assert len(pids) == 2
+    assert positions[0] in (1, 2)  # the step sent to the paused core may have run
+    assert positions == list(range(positions[0], positions[0] + len(positions)))
+
+
 def test_sigterm_drains_then_saves_the_snapshot_and_exits_zero(cluster: Cluster) -> None:
     response, _ = cluster.step(cluster_session(cluster), [1])
     assert response.prediction.position == 1
