@@ -17,6 +17,7 @@ import pytest
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
 from tests.support.ops import RNNSERVE, free_port, sample, scrape, wait_for
+from tests.support.redis_server import REDIS_SKIP_REASON, RedisServer, redis_server_path
 
 FRONTEND_KEY = "x-rnnserve-frontend"
 
@@ -278,3 +279,39 @@ def test_front_ends_authenticate_and_the_core_checks_ownership(
     finally:
         process.send_signal(signal.SIGTERM)
         process.wait(60)
+
+
+@pytest.mark.skipif(redis_server_path() is None, reason=REDIS_SKIP_REASON)
+def test_a_killed_engine_core_comes_back_with_its_sessions_from_redis(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    port = free_port()
+    with RedisServer(tmp_path / "redis") as redis:
+        process = subprocess.Popen(
+            [
+                RNNSERVE, "serve", "--repository", str(model_repository), "--port", str(port),
+                "--frontends", "1", "--metrics-port", "0", "--reload-interval-s", "0",
+                "--redis-url", redis.url, "--state-save-every-steps", "1", "--redis-timeout-s", "2",
+                "--grace-period-s", "1",
+            ]
+        )  # fmt: skip
+        cluster = Cluster(process, f"127.0.0.1:{port}", tmp_path / "unused", "")
+        try:
+            wait_for(cluster.serving, 120, "the front end to serve")
+            session_id = cluster_session(cluster)
+            response, _ = cluster.step(session_id, [1, 2])  # saved before the answer (every step)
+            assert response.prediction.position == 2
+            core = next(pid for pid, role in cluster.children().items() if role == "core")
+            os.kill(core, signal.SIGKILL)
+            answered = None
+            for _ in range(60):  # UNAVAILABLE until the new core answers; then restored from Redis
+                try:
+                    answered, _ = cluster.step(session_id, [3])
+                    break
+                except grpc.RpcError as error:
+                    assert error.code() == grpc.StatusCode.UNAVAILABLE
+                    time.sleep(0.5)
+            assert answered is not None and answered.prediction.position == 3
+        finally:
+            process.send_signal(signal.SIGTERM)
+            process.wait(60)
