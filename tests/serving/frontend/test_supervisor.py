@@ -5,6 +5,7 @@ core's sessions come back from the snapshot)."""
 from __future__ import annotations
 
 import os
+import shutil
 import signal
 import subprocess
 import time
@@ -16,6 +17,7 @@ import pytest
 
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
+from tests.support.models import export_tiny_model
 from tests.support.ops import RNNSERVE, free_port, sample, scrape, wait_for
 from tests.support.redis_server import REDIS_SKIP_REASON, RedisServer, redis_server_path
 
@@ -315,3 +317,36 @@ def test_a_killed_engine_core_comes_back_with_its_sessions_from_redis(
         finally:
             process.send_signal(signal.SIGTERM)
             process.wait(60)
+
+
+def test_sighup_reloads_in_the_core_and_sessions_keep_their_version(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    repository = tmp_path / "repository"
+    shutil.copytree(model_repository / "tiny-gru", repository / "tiny-gru")
+    port = free_port()
+    process = subprocess.Popen(
+        [
+            RNNSERVE, "serve", "--repository", str(repository), "--port", str(port),
+            "--frontends", "1", "--metrics-port", "0", "--reload-interval-s", "0", "--grace-period-s", "1",
+        ]
+    )  # fmt: skip
+    cluster = Cluster(process, f"127.0.0.1:{port}", tmp_path / "unused", "")
+    try:
+        wait_for(cluster.serving, 120, "the front end to serve")
+        old = cluster_session(cluster)
+        export_tiny_model(repository, tmp_path / "checkpoints", "tiny-gru", "gru", 1, seed=1, version=2)
+        process.send_signal(signal.SIGHUP)  # the supervisor passes it to the core
+
+        def latest() -> int:
+            channel, stub = cluster.stub()
+            with channel:
+                return int(stub.GetModel(pb.GetModelRequest(name="tiny-gru"), timeout=10).latest_version)
+
+        wait_for(lambda: latest() == 2, 60, "version 2 to load")
+        response, _ = cluster.step(old, [1])
+        assert response.version == 1  # the open session stays on its version
+        assert cluster.step(cluster_session(cluster), [1])[0].version == 2
+    finally:
+        process.send_signal(signal.SIGTERM)
+        process.wait(60)
