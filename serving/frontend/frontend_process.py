@@ -29,6 +29,7 @@ from serving.engine.remote import EngineConnection, RemoteRuntime
 from serving.frontend.servicer import Identity, InferenceServicer, add_inference_servicer, no_identity
 from serving.frontend.standard_services import HealthServicer, add_health_servicer, enable_reflection
 from serving.ops.auth import AuthInterceptor, load_tokens, server_credentials
+from serving.ops.heap import HeapTrimmer
 from serving.ops.logs import REQUEST_ID_KEY, CallTracker, request_id
 from serving.settings import ServerSettings, join_host_port
 
@@ -115,6 +116,9 @@ async def run_frontend(settings: ServerSettings, engine_socket: str) -> int:
     for signum in (signal.SIGINT, signal.SIGTERM):
         loop.add_signal_handler(signum, stopping.set)
     follower = loop.create_task(_follow_health(api, health_servicer, stopping))
+    trimming = None
+    if settings.heap_trim_interval_s > 0:  # large requests are parsed here: give their memory back
+        trimming = loop.create_task(HeapTrimmer(settings.heap_trim_interval_s).run())
     log.info("front end %d serving on %s", os.getpid(), join_host_port(settings.host, port))
     await stopping.wait()
     await follower
@@ -122,5 +126,8 @@ async def run_frontend(settings: ServerSettings, engine_socket: str) -> int:
     if not await calls.wait_idle(settings.grace_period_s):
         log.info("grace period over: %d calls still open", calls.in_flight)
     await server.stop(STOP_SETTLE_S)
+    if trimming is not None:
+        trimming.cancel()
+        await asyncio.gather(trimming, return_exceptions=True)
     await connection.close()
     return 0
