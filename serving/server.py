@@ -1,4 +1,5 @@
-"""`rnnserve serve`: the gRPC server (rnnserve.v1.Inference, grpc.health.v1.Health, reflection).
+"""`rnnserve serve`: the gRPC server (rnnserve.v1.Inference, KServe v2's
+inference.GRPCInferenceService, grpc.health.v1.Health, reflection) and the HTTP front end.
 
 main() reads top to bottom: parse the settings, check the security files, load the models,
 build the server (metrics, auth, TLS, hot reload, snapshots), restore saved sessions, serve until
@@ -24,8 +25,8 @@ a model is exported into it (hot reload), which keeps it out of load balancers m
 name the server never served answers NOT_FOUND, as grpc.health.v1 specifies.
 
 `create_server(settings, registry)` builds the gRPC part alone (tests and the bench use it);
-`build_server` adds what `rnnserve serve` runs besides: Prometheus /metrics, bearer tokens, TLS,
-the plaintext health port, hot reload and snapshots.
+`build_server` adds what `rnnserve serve` runs besides: the HTTP front end (`attach_http`),
+Prometheus /metrics, bearer tokens, TLS, the plaintext health port, hot reload and snapshots.
 """
 
 from __future__ import annotations
@@ -43,8 +44,13 @@ from grpc_health.v1._async import HealthServicer
 from grpc_reflection.v1alpha import reflection
 
 from protos.rnnserve.v1 import inference_pb2
-from serving.auth import AuthInterceptor, SecurityConfigError, load_tokens, server_credentials
+from serving.auth import AuthInterceptor, SecurityConfigError, TokenTable, load_tokens, server_credentials
 from serving.engine import EngineError, resolve_providers
+from serving.frontend.http.app import HttpApi
+from serving.frontend.http.server import HttpBindError, HttpFrontend
+from serving.frontend.kserve_common import KServeFrontend
+from serving.frontend.kserve_grpc import SERVICE_NAME as KSERVE_SERVICE
+from serving.frontend.kserve_grpc import KServeServicer, add_kserve_servicer
 from serving.logs import CallTracker, configure_logging
 from serving.metrics import MetricsBindError, MetricsObserver, MetricsServer, start_metrics_server
 from serving.observers import ServerObserver
@@ -61,7 +67,7 @@ from serving.snapshot import SessionSnapshots
 log = logging.getLogger("rnnserve.server")
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-SERVICE_NAMES = (INFERENCE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
+SERVICE_NAMES = (INFERENCE_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
 STOP_SETTLE_S = 0.5  # after the freeze: time for calls to write their last answers
 QUIET_WAIT_S = 5.0  # after the gRPC stop: most time for cancelled work to leave the workers
 
@@ -95,6 +101,8 @@ class RnnserveServer:
         self.metrics_endpoint: MetricsServer | None = None
         self.health_server: grpc.aio.Server | None = None
         self.health_port = 0  # bound port of health_server
+        self.kserve = KServeFrontend(runtime)  # the KServe v2 rules, shared by the gRPC and HTTP doors
+        self.http_frontend: HttpFrontend | None = None
         self.snapshot_saved = True  # False when the shutdown snapshot could not be written
         self._serving = False
         self._stopping = False
@@ -136,6 +144,8 @@ class RnnserveServer:
         await self.grpc_server.start()
         if self.health_server is not None:
             await self.health_server.start()
+        if self.http_frontend is not None:
+            await self.http_frontend.start()
         await self.set_serving(True)
         loop = asyncio.get_running_loop()
         if self.watcher is not None:
@@ -167,7 +177,10 @@ class RnnserveServer:
                 self.calls.in_flight,
             )
         self.runtime.sessions.freeze()
-        await self.grpc_server.stop(min(STOP_SETTLE_S, grace))
+        if self.http_frontend is not None:
+            await asyncio.gather(self.grpc_server.stop(min(STOP_SETTLE_S, grace)), self.http_frontend.stop())
+        else:
+            await self.grpc_server.stop(min(STOP_SETTLE_S, grace))
         await self._wait_quiet()
         if self.snapshots is not None:
             self.snapshot_saved = await self.snapshots.save() is not None
@@ -248,9 +261,21 @@ async def create_server(
     health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
     reflection.enable_server_reflection(SERVICE_NAMES, grpc_server)
     server = RnnserveServer(settings, runtime, grpc_server, health_servicer, calls)
+    add_kserve_servicer(KServeServicer(server.kserve, identity), grpc_server)
     await server.update_health()  # NOT_SERVING until start()
     port = _bind(grpc_server, settings.address, credentials)
     return server, port
+
+
+def attach_http(server: RnnserveServer, host: str, port: int, tokens: TokenTable | None = None) -> int:
+    """Bind the HTTP front end (KServe v2 REST, generate, playground) on host:port, before
+    `server.start()`; port 0 picks a free one. Returns the bound port; raises BindError."""
+    app = HttpApi(server.kserve, tokens).app()
+    try:
+        server.http_frontend = HttpFrontend(app, host, port)
+    except HttpBindError as error:
+        raise BindError(str(error)) from None
+    return server.http_frontend.port
 
 
 async def build_server(
@@ -285,6 +310,8 @@ async def build_server(
     )
     if tokens is not None:
         server.calls.caller = lambda context: tokens.identify_metadata(context.invocation_metadata())
+    if settings.http_port:
+        attach_http(server, settings.http_bind_host, settings.http_port, tokens)
     server.watcher = RepositoryWatcher(settings, registry, server.update_health, state_on_device)
     if settings.state_snapshot is not None:
         server.snapshots = SessionSnapshots(settings.state_snapshot, server.runtime, state_on_device)
@@ -318,6 +345,8 @@ def _describe(settings: ServerSettings, server: RnnserveServer, port: int) -> st
     ]
     if server.metrics_endpoint is not None:
         parts.append(f"metrics on {server.metrics_endpoint.url}")
+    if server.http_frontend is not None:
+        parts.append(f"HTTP (KServe v2, generate, playground) on {server.http_frontend.url}")
     if server.health_server is not None:
         parts.append(f"plaintext health on {join_host_port(settings.host, server.health_port)}")
     return "; ".join(parts)
