@@ -2,6 +2,7 @@
 
 The prompt is encoded with the model's own tokenizer (fetched with GetModel), so a character the
 model never saw is refused here with the allowed alphabet; the text appears as it is generated.
+A `--target` of http://HOST:PORT uses the HTTP door's generate_stream instead of gRPC.
 Exit status: 0 done, 1 the server refused or could not be reached, 2 bad arguments or prompt.
 """
 
@@ -9,18 +10,21 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
 import sys
 from collections.abc import Sequence
 
 import grpc
 
 from serving.client import (
+    TOKEN_ENV,
     ConnectionConfigError,
     RnnserveClient,
     Sampling,
     add_connection_arguments,
     connection_from,
 )
+from serving.frontend.http.client import HttpGenerateError, is_http_target, stream_generate
 from serving.tokenizer import TokenizerError, tokenizer_from_json
 
 
@@ -30,7 +34,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--target", default="127.0.0.1:50051", help="server address HOST:PORT")
+    parser.add_argument(
+        "--target", default="127.0.0.1:50051", help="gRPC address HOST:PORT, or an HTTP URL http://HOST:PORT"
+    )
     parser.add_argument("--model", required=True, help="model name (see ListModels)")
     parser.add_argument("--version", type=int, default=0, help="model version; 0 = latest")
     parser.add_argument("--prompt", required=True, help="text to continue")
@@ -96,8 +102,38 @@ async def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def generate_over_http(args: argparse.Namespace) -> int:
+    parameters: dict[str, object] = {
+        "max_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+    }
+    if args.seed is not None:
+        parameters["seed"] = args.seed
+    print(args.prompt, end="", flush=True)
+    try:
+        for event in stream_generate(
+            args.target,
+            args.model,
+            args.prompt,
+            parameters,
+            version=args.version,
+            token=args.token or os.environ.get(TOKEN_ENV) or None,
+            timeout=args.timeout,
+        ):
+            print(event["text_output"], end="", flush=True)
+    except HttpGenerateError as error:
+        print(f"\nrnnserve generate: {error}", file=sys.stderr)
+        return 1
+    print()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if is_http_target(args.target):
+        return generate_over_http(args)
     return asyncio.run(generate(args))
 
 

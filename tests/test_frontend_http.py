@@ -140,3 +140,27 @@ def test_bearer_tokens_and_ownership_on_http(model_repository: Path) -> None:
             assert stolen.status_code == 404
     finally:
         server.stop()
+
+
+def test_rnnserve_generate_accepts_an_http_url(
+    doors: FrontDoorServer, capsys: pytest.CaptureFixture[str]
+) -> None:
+    from serving.generate import main
+
+    expected = run(grpc_generate_text(doors.target, "tiny-lstm", "abc", 20, seed=5))
+    argv = [
+        "--model",
+        "tiny-lstm",
+        "--prompt",
+        "abc",
+        "--max-new-tokens",
+        "20",
+        "--seed",
+        "5",
+        "--temperature",
+        "1",
+    ]
+    assert main(["--target", doors.http_url, *argv]) == 0
+    assert capsys.readouterr().out == "abc" + expected + "\n"
+    assert main(["--target", doors.http_url, "--model", "nope", "--prompt", "a"]) == 1
+    assert "HTTP 404" in capsys.readouterr().err
