@@ -10,8 +10,9 @@ A model, as the protocol shows it (`max_batch_size` 0: each request is one seque
     output logprobs      FP32   [1, V]   log-probabilities of the next token after the last input
     output top_ids       INT64  [1, K]   the K most likely next tokens (parameter top_k = K)
     output top_logprobs  FP32   [1, K]   their log-probabilities
-    output next_token    INT64  [1, 1]   the chosen next token: greedy, or sampled with the
-                                         temperature / sampling_top_k / top_p / seed parameters
+    output next_token    INT64  [1, 1]   the chosen next token: the most likely one, or, with any of
+                                         the temperature / sampling_top_k / top_p / seed
+                                         parameters, a sampled one (temperature 1 unless given)
 
 Without requested outputs a request gets logprobs and next_token, or, with `top_k`, top_ids,
 top_logprobs and next_token.
@@ -68,6 +69,7 @@ TOP_LOGPROBS = "top_logprobs"
 NEXT_TOKEN = "next_token"
 OUTPUT_TYPES = {LOGPROBS: "FP32", TOP_IDS: "INT64", TOP_LOGPROBS: "FP32", NEXT_TOKEN: "INT64"}
 
+SAMPLING_PARAMETERS = ("temperature", "sampling_top_k", "top_p", "seed")
 SEQUENCE_ID = "sequence_id"
 SEQUENCE_START = "sequence_start"
 SEQUENCE_END = "sequence_end"
@@ -374,16 +376,21 @@ class KServeFrontend:
         top_k = parameters.get("top_k", 0)
         if top_k < 0 or (top_k == 0 and "top_k" in parameters):
             raise InvalidArgumentError(f"top_k must be at least 1, got {top_k}")
-        sampling = SamplingFields(
-            temperature=float(parameters.get("temperature", 0.0)),
-            top_k=parameters.get("sampling_top_k", 0),
-            top_p=float(parameters["top_p"]) if "top_p" in parameters else None,
-            seed=parameters.get("seed"),
-        )
-        if sampling.top_k < 0:
-            raise InvalidArgumentError(f"sampling_top_k must be >= 0 (0: no limit), got {sampling.top_k}")
-        if sampling.seed is not None and not 0 <= sampling.seed < 2**64:
-            raise InvalidArgumentError(f"seed must be a uint64, got {sampling.seed}")
+        sampled = any(name in parameters for name in SAMPLING_PARAMETERS)
+        sampling = None
+        if sampled:
+            sampling = SamplingFields(
+                temperature=float(parameters.get("temperature", 1.0)),
+                top_k=parameters.get("sampling_top_k", 0),
+                top_p=float(parameters["top_p"]) if "top_p" in parameters else None,
+                seed=parameters.get("seed"),
+            )
+            if sampling.top_k < 0:
+                raise InvalidArgumentError(f"sampling_top_k must be >= 0 (0: no limit), got {sampling.top_k}")
+            if sampling.seed is not None and not 0 <= sampling.seed < 2**64:
+                raise InvalidArgumentError(f"seed must be a uint64, got {sampling.seed}")
+        # Greedy next_token is the first top id (ties go to the lowest id, as the sampler's do),
+        # which spares a random generator per request.
         request = runtime.prediction_request(model, top_k, LOGPROBS in wanted, sampling)
         start = bool(parameters.get(SEQUENCE_START))
         end = bool(parameters.get(SEQUENCE_END))
@@ -409,7 +416,8 @@ class KServeFrontend:
                 values = np.asarray(result.top_logprobs, np.float32)
                 outputs.append(OutputTensor(name, "FP32", (1, len(values)), values))
             else:
-                token = np.asarray([result.sampled_token], np.int64)
+                chosen = result.sampled_token if sampled else result.top_ids[0]
+                token = np.asarray([chosen], np.int64)
                 outputs.append(OutputTensor(name, "INT64", (1, 1), token))
         return InferAnswer(model.name, str(model.version), call.request_id, outputs)
 
@@ -473,7 +481,6 @@ class KServeFrontend:
         runtime = self.runtime
         if sequence_id is None:
             return await runtime.open_session(model.name, model.version, owner), True
-        session_id = sequence_session_id(owner, model.name, sequence_id)
         if not start:
             session = await self.find_sequence(model.name, sequence_id, owner)
             if session.model is not model:
@@ -482,6 +489,7 @@ class KServeFrontend:
                     f"leave the version empty to continue it"
                 )
             return session, False
+        session_id = sequence_session_id(owner, model.name, sequence_id)
         try:
             session = await runtime.find_session(session_id, owner)
         except SessionNotFoundError:

@@ -3,9 +3,11 @@
     {"text_input": "to be or", "parameters": {"max_tokens": 64, "temperature": 0.8, "top_k": 0,
      "top_p": 1.0, "seed": 7}}
 
-Further parameters: `stop_token_ids` (a list of ids that end the generation, included), a Triton
-sequence (`sequence_id`, `sequence_start`, `sequence_end`, the same sessions as the infer route
-and the gRPC door), or an rnnserve session: `keep_session: true` keeps a new session and answers
+Instead of text, a prompt may be token ids: `"input_ids": [1, 2, 3]` (models without a text
+tokenizer answer ids only, with an empty text_output). Further parameters: `stop_token_ids` (a
+list of ids that end the generation, included), a Triton sequence (`sequence_id`,
+`sequence_start`, `sequence_end`, the same sessions as the infer route and the gRPC door), or an
+rnnserve session: `keep_session: true` keeps a new session and answers
 its `session_id`; `session_id` continues one. Without any of them the generation runs on a fresh
 state that is dropped afterwards.
 
@@ -33,7 +35,7 @@ from serving.runtime import GenerateParams, Generation, Runtime, SamplingFields
 from serving.scheduler import FinishReason
 
 DEFAULT_MAX_TOKENS = 100
-BODY_KEYS = ("text_input", "parameters")
+BODY_KEYS = ("text_input", "input_ids", "parameters")
 PARAMETER_TYPES: dict[str, tuple[type, ...]] = {
     "max_tokens": (int,),
     "temperature": (float, int),
@@ -116,6 +118,9 @@ async def parse_generate(
     text = body.get("text_input", "")
     if not isinstance(text, str):
         raise InvalidArgumentError("text_input must be a string")
+    input_ids = body.get("input_ids", [])
+    if not isinstance(input_ids, list) or not all(type(token) is int for token in input_ids):
+        raise InvalidArgumentError("input_ids must be a list of integer token ids")
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
         raise InvalidArgumentError("parameters must be a JSON object")
@@ -142,6 +147,7 @@ async def parse_generate(
         version=parse_version(version),
         session_id=session_id,
         prompt_text=text,
+        prompt_tokens=input_ids,
         max_new_tokens=max_tokens,
         sampling=SamplingFields(
             temperature=parameters.get("temperature"),
