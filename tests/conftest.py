@@ -10,6 +10,7 @@ from __future__ import annotations
 
 import asyncio
 import dataclasses
+import os
 import threading
 from collections.abc import Coroutine, Iterator, Sequence
 from concurrent.futures import Future
@@ -24,6 +25,10 @@ from export import signature as sig
 from serving.observers import ServerObserver
 
 T = TypeVar("T")
+
+# Servers that tests start as `rnnserve serve` subprocesses open no HTTP door unless a test asks:
+# several run at once, and the default port 8000 may be taken on the machine.
+os.environ.setdefault("RNNSERVE_HTTP_PORT", "0")
 
 # Every character the tiny models know: prompts in tests use only these.
 ALPHABET = "abcdefghijklmnopqrstuvwxyz ,.!?\n"

@@ -164,3 +164,30 @@ def test_rnnserve_generate_accepts_an_http_url(
     assert capsys.readouterr().out == "abc" + expected + "\n"
     assert main(["--target", doors.http_url, "--model", "nope", "--prompt", "a"]) == 1
     assert "HTTP 404" in capsys.readouterr().err
+
+
+def test_http_port_settings_and_a_taken_port(model_repository: Path) -> None:
+    import socket
+
+    from serving.server import BindError, build_server
+    from serving.settings import parse_settings
+
+    assert parse_settings([], environ={}).http_port == 8000
+    assert parse_settings([], environ={"RNNSERVE_HTTP_PORT": "0"}).http_port == 0
+    flagged = parse_settings(["--http-port", "8100", "--http-host", "::1"], environ={})
+    assert (flagged.http_port, flagged.http_bind_host) == (8100, "::1")
+    with pytest.raises(SystemExit):
+        parse_settings(["--http-port", "50051"], environ={})  # the gRPC port
+    with socket.socket() as taken:
+        taken.bind(("127.0.0.1", 0))
+        taken.listen()
+        port = taken.getsockname()[1]
+        settings = ServerSettings(repository=model_repository, port=0, metrics_port=0, http_port=port)
+
+        async def build() -> None:
+            from serving.registry import load_repository
+
+            await build_server(settings, load_repository(settings))
+
+        with pytest.raises(BindError, match=f"HTTP 127.0.0.1:{port}"):
+            run(build())
