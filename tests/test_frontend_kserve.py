@@ -140,10 +140,7 @@ def test_model_config_reports_the_sequence_batcher_and_state(doors: FrontDoorSer
     assert config["parameters"]["arch"]["string_value"] == "lstm"
     assert client.is_server_live() and client.is_server_ready() and client.is_model_ready("tiny-gru")
     metadata = client.get_model_metadata("tiny-gru")
-    assert [(i.name, i.datatype, list(i.shape)) for i in metadata.inputs] == [
-        ("tokens", "INT64", [1, -1]),
-        ("text", "BYTES", [1]),
-    ]
+    assert [(i.name, i.datatype, list(i.shape)) for i in metadata.inputs] == [("tokens", "INT64", [1, -1])]
     assert {m.name for m in client.get_model_repository_index().models} == set(TINY_MODELS)
     assert "sequence" in client.get_server_metadata().extensions
     client.close()

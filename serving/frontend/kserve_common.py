@@ -6,7 +6,9 @@ format into the plain values here and call `KServeFrontend`; the rules are writt
 A model, as the protocol shows it (`max_batch_size` 0: each request is one sequence):
 
     input  tokens        INT64  [1, T]   token ids to run through the sequence's state
-    input  text          BYTES  [1]      or: UTF-8 text, encoded with the model's tokenizer
+    input  text          BYTES  [1]      or: UTF-8 text, encoded with the model's tokenizer (not
+                                         declared in metadata or config: tools that fill every
+                                         declared input, like perf_analyzer, send tokens only)
     output logprobs      FP32   [1, V]   log-probabilities of the next token after the last input
     output top_ids       INT64  [1, K]   the K most likely next tokens (parameter top_k = K)
     output top_logprobs  FP32   [1, K]   their log-probabilities
@@ -247,10 +249,9 @@ class KServeFrontend:
             "name": model.name,
             "versions": [str(m.version) for m in self.runtime.registry.versions(model.name)],
             "platform": PLATFORM,
-            "inputs": [
-                {"name": TOKENS, "datatype": "INT64", "shape": input_shape(model)},
-                {"name": TEXT, "datatype": "BYTES", "shape": [1]},
-            ],
+            # The `text` input is declared in neither the metadata nor the config: tools that fill
+            # every declared input (perf_analyzer) would otherwise send both.
+            "inputs": [{"name": TOKENS, "datatype": "INT64", "shape": input_shape(model)}],
             "outputs": [
                 {"name": name, "datatype": OUTPUT_TYPES[name], "shape": shape}
                 for name, shape in output_shapes(model).items()
@@ -282,10 +283,7 @@ class KServeFrontend:
             "backend": "onnxruntime",
             "version_policy": {"specific": {"versions": [model.version]}},
             "max_batch_size": 0,
-            "input": [
-                {"name": TOKENS, "data_type": "TYPE_INT64", "dims": input_shape(model)},
-                {"name": TEXT, "data_type": "TYPE_STRING", "dims": [1], "optional": True},
-            ],
+            "input": [{"name": TOKENS, "data_type": "TYPE_INT64", "dims": input_shape(model)}],
             "output": [
                 {"name": name, "data_type": "TYPE_" + OUTPUT_TYPES[name], "dims": shape}
                 for name, shape in output_shapes(model).items()
