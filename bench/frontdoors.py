@@ -68,18 +68,26 @@ def server_main(conn: Connection, repository: Path, http_port: int, options: Map
     run_child(conn, start, log_level="WARNING")
 
 
-async def timed(workers: int, duration: float, warmup: float, work: Callable[[], Awaitable[int]]) -> float:
-    """Run `workers` loops of `work` (each call returns units done); units per second after warm-up."""
+Tally = Callable[[int], None]
+
+
+async def timed(
+    workers: int, duration: float, warmup: float, work: Callable[[Tally], Awaitable[None]]
+) -> float:
+    """Run `workers` loops of `work`, which reports units done (steps, tokens) as they arrive
+    through its tally; units per second in the counted window after the warm-up."""
     counted = 0
     counting = False
     stop = False
 
-    async def loop() -> None:
+    def tally(units: int) -> None:
         nonlocal counted
+        if counting:
+            counted += units
+
+    async def loop() -> None:
         while not stop:
-            done = await work()
-            if counting:
-                counted += done
+            await work(tally)
 
     tasks = [asyncio.create_task(loop()) for _ in range(workers)]
     await asyncio.sleep(warmup)
@@ -107,12 +115,12 @@ async def v1_stream(target: str, args: argparse.Namespace, vocab: int) -> float:
     streams = await asyncio.gather(*(open_stream() for _ in range(args.concurrency)))
     free = list(streams)
 
-    async def step() -> int:
+    async def step(tally: Tally) -> None:
         call = free.pop()
         await call.write(pb.StreamRequest(chunk=pb.TokenChunk(tokens=[int(rng.integers(vocab))])))
         await call.read()
         free.append(call)
-        return 1
+        tally(1)
 
     rate = await timed(args.concurrency, args.duration, args.warmup, step)
     for call in calls:
@@ -161,7 +169,7 @@ async def kserve_stream(target: str, args: argparse.Namespace, vocab: int) -> fl
 
     await asyncio.gather(*(open_sequence(1000 + i) for i in range(args.concurrency)))
 
-    async def step() -> int:
+    async def step(tally: Tally) -> None:
         call, sequence = free.pop()
         message = prepared.get(sequence)
         if message is None:
@@ -172,7 +180,7 @@ async def kserve_stream(target: str, args: argparse.Namespace, vocab: int) -> fl
         if answer.error_message:
             raise RuntimeError(answer.error_message)
         free.append((call, sequence))
-        return 1
+        tally(1)
 
     rate = await timed(args.concurrency, args.duration, args.warmup, step)
     for call, sequence in list(free):
@@ -188,14 +196,15 @@ async def grpc_generate(target: str, args: argparse.Namespace) -> float:
     stub = inference_pb2_grpc.InferenceStub(channel)
     seeds = iter(range(10**9))
 
-    async def generation() -> int:
+    async def generation(tally: Tally) -> None:
         request = pb.GenerateRequest(
             model=MODEL,
             prompt_tokens=[1, 2, 3],
             max_new_tokens=args.new_tokens,
             sampling=pb.SamplingOptions(seed=next(seeds)),
         )
-        return sum([len(answer.tokens) async for answer in stub.Generate(request)])
+        async for answer in stub.Generate(request):
+            tally(len(answer.tokens))
 
     rate = await timed(args.concurrency, args.duration, args.warmup, generation)
     await channel.close()
@@ -215,7 +224,7 @@ class SseConnection:
         self.reader: asyncio.StreamReader | None = None
         self.writer: asyncio.StreamWriter | None = None
 
-    async def generate(self, body: bytes) -> int:
+    async def generate(self, body: bytes, tally: Tally) -> None:
         if self.writer is None:
             self.reader, self.writer = await asyncio.open_connection(self.host, self.port)
         assert self.reader is not None
@@ -229,15 +238,14 @@ class SseConnection:
             raise RuntimeError(f"generate_stream answered {status!r}")
         while (await self.reader.readline()) != b"\r\n":  # headers; the body comes chunked
             pass
-        tokens = 0
         while True:
             size = int((await self.reader.readline()).strip(), 16)
             chunk = await self.reader.readexactly(size + 2)
             if size == 0:
-                return tokens
+                return
             for line in chunk.split(b"\n"):
                 if line.startswith(b"data: "):
-                    tokens += len(json.loads(line[6:])["token_ids"])
+                    tally(len(json.loads(line[6:])["token_ids"]))
 
     async def close(self) -> None:
         if self.writer is not None:
@@ -250,12 +258,11 @@ async def http_generate(host: str, port: int, args: argparse.Namespace) -> float
     connections = [SseConnection(host, port) for _ in range(args.concurrency)]
     free = list(connections)
 
-    async def generation() -> int:
+    async def generation(tally: Tally) -> None:
         connection = free.pop()
         body = {"input_ids": [1, 2, 3], "parameters": {"max_tokens": args.new_tokens, "seed": next(seeds)}}
-        tokens = await connection.generate(json.dumps(body).encode())
+        await connection.generate(json.dumps(body).encode(), tally)
         free.append(connection)
-        return tokens
 
     rate = await timed(args.concurrency, args.duration, args.warmup, generation)
     for connection in connections:
