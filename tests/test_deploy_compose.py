@@ -202,6 +202,8 @@ def test_servers_agree_with_the_server_settings(services: dict[str, dict[str, An
         assert settings.port in container_ports, f"{name}: gRPC port {settings.port} is not published"
         metrics_port = setting(settings, environment, "metrics_port")
         assert metrics_port in container_ports, f"{name}: metrics port {metrics_port} is not published"
+        http_port = setting(settings, environment, "http_port")
+        assert http_port in container_ports, f"{name}: HTTP port {http_port} is not published"
         assert settings.port == default_setting("port") and metrics_port == default_setting("metrics_port")
         # Compose waits this long after SIGTERM before SIGKILL: the drain must fit in it.
         grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
@@ -214,7 +216,7 @@ def test_servers_agree_with_the_server_settings(services: dict[str, dict[str, An
 def test_host_ports_do_not_collide(services: dict[str, dict[str, Any]]) -> None:
     host_ports = [host for service in services.values() for host, _ in published_ports(service) if host]
     assert len(host_ports) == len(set(host_ports)), f"a host port is published twice: {sorted(host_ports)}"
-    assert published_ports(services["server"]) == [(50051, 50051), (9400, 9400)]
+    assert published_ports(services["server"]) == [(50051, 50051), (8000, 8000), (9400, 9400)]
     # Replicas publish nothing: a fixed host port could be held by one container only.
     assert published_ports(services["replica"]) == []
 
