@@ -310,8 +310,6 @@ async def build_server(
     )
     if tokens is not None:
         server.calls.caller = lambda context: tokens.identify_metadata(context.invocation_metadata())
-    if settings.http_port:
-        attach_http(server, settings.http_bind_host, settings.http_port, tokens)
     server.watcher = RepositoryWatcher(settings, registry, server.update_health, state_on_device)
     if settings.state_snapshot is not None:
         server.snapshots = SessionSnapshots(settings.state_snapshot, server.runtime, state_on_device)
@@ -329,6 +327,8 @@ async def build_server(
         health_pb2_grpc.add_HealthServicer_to_server(server.health, health_server)
         server.health_port = _bind(health_server, settings.health_address, None)
         server.health_server = health_server
+    if settings.http_port:  # bound last: nothing after it can fail and leave its socket open
+        attach_http(server, settings.http_bind_host, settings.http_port, tokens)
     return server, port
 
 
