@@ -302,3 +302,22 @@ def test_a_body_that_is_not_the_message_answers_invalid_argument(doors: FrontDoo
             call(b"\xff\xff\xff")
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "inference.ModelInferRequest" in refused.value.details()
+
+
+def test_kserve_grpc_needs_a_bearer_token_except_for_probes(model_repository: Path) -> None:
+    from ops_support import OpsServer
+
+    token = "alice-token-0123456789abcdef"
+    server = OpsServer(model_repository, auth_tokens=f"alice:{token}", metrics_port=0)
+    try:
+        client = grpcclient.InferenceServerClient(server.target)
+        assert client.is_server_live() and client.is_server_ready()  # probes need no token
+        with pytest.raises(InferenceServerException) as refused:
+            client.infer(MODEL, [_input(np.array([[1]], np.int64), [1, 1])])
+        assert refused.value.status() == "StatusCode.UNAUTHENTICATED"
+        headers = {"authorization": f"Bearer {token}"}
+        answer = client.infer(MODEL, [_input(np.array([[1]], np.int64), [1, 1])], headers=headers)
+        assert answer.as_numpy("next_token").shape == (1, 1)
+        client.close()
+    finally:
+        server.stop()
