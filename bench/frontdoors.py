@@ -37,10 +37,10 @@ import grpc
 import numpy as np
 from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from bench.model import ModelSizes, write_synthetic_model
+from bench.procs import ServerProcess, run_child
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
-from serving.bench_model import ModelSizes, write_synthetic_model
-from serving.bench_procs import ServerProcess, run_child
 
 MODEL = "bench-model"
 HOST = "127.0.0.1"
@@ -56,7 +56,7 @@ def server_main(conn: Connection, repository: Path, http_port: int, options: Map
     """Child process: the real server with its HTTP door on `http_port`."""
 
     async def start() -> tuple[Any, int]:
-        from serving.server import attach_http, create_server
+        from serving.frontend.server import attach_http, create_server
         from serving.settings import ServerSettings
 
         settings = ServerSettings(repository=repository, host=HOST, port=0, device="cpu", **options)
@@ -127,7 +127,7 @@ async def v1_stream(target: str, args: argparse.Namespace, vocab: int) -> float:
         await call.write(pb.StreamRequest(control=pb.CONTROL_END))
         await call.read()
         await call.done_writing()
-    await channel.close()
+    await channel.close(None)
     return rate
 
 
@@ -187,7 +187,7 @@ async def kserve_stream(target: str, args: argparse.Namespace, vocab: int) -> fl
         await call.write(request(sequence, start=False, end=True))
         await call.read()
         await call.done_writing()
-    await channel.close()
+    await channel.close(None)
     return rate
 
 
@@ -207,7 +207,7 @@ async def grpc_generate(target: str, args: argparse.Namespace) -> float:
             tally(len(answer.tokens))
 
     rate = await timed(args.concurrency, args.duration, args.warmup, generation)
-    await channel.close()
+    await channel.close(None)
     return rate
 
 

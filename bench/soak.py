@@ -3,7 +3,7 @@
     python bench/soak.py --streams 1000 --duration 60
     python bench/soak.py --streams 20 --duration 3 --warmup 1 --sizes tiny     # a quick look
 
-The server runs in a child process (built from ServerSettings by serving.bench_server, as the
+The server runs in a child process (built from ServerSettings by bench.server, as the
 bench builds it), on synthetic models with random weights. This process is the client: one
 grpc.aio event loop driving every stream over a few channels. Each stream is an open-loop
 conversation, like a user typing: it opens a session, sends one token every `--interval-ms`
@@ -48,15 +48,15 @@ import grpc
 import numpy as np
 import onnxruntime as ort
 
-from export import signature as sig
+from bench.model import BenchModel, ModelSizes, write_synthetic_model
+from bench.procs import ServerProcess
+from bench.server import server_process_main
+from contract import signature as sig
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc as pb_grpc
-from serving.bench_model import BenchModel, ModelSizes, write_synthetic_model
-from serving.bench_procs import ServerProcess
-from serving.bench_server import server_process_main
 
 SIZES = {
-    "seed": ModelSizes(),  # the lecture's LSTM/GRU: vocabulary 65, embedding 256, hidden 512
+    "seed": ModelSizes(),  # the seed preset's LSTM/GRU: vocabulary 65, embedding 256, hidden 512
     "tiny": ModelSizes(vocab_size=32, embedding_size=16, hidden_size=32, num_layers=1),
 }
 EOF_MARKER = grpc.aio.EOF  # type: ignore[attr-defined]

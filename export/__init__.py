@@ -1,5 +1,5 @@
 """Export side of rnnserve: checkpoints -> verified ONNX in a model repository.
 
-This package's `signature` module is torch-free and shared with the server; the modules that
-need torch import it themselves.
+The ONNX signature it writes lives in the torch-free `contract` package, shared with the server;
+the modules that need torch import it themselves.
 """

@@ -14,7 +14,7 @@ import time
 from collections.abc import Sequence
 from pathlib import Path
 
-from export import signature as sig
+from contract import signature as sig
 
 DEFAULT_MODELS = (("shakespeare-lstm", "lstm"), ("shakespeare-gru", "gru"))
 

@@ -14,8 +14,9 @@ import sys
 from collections.abc import Sequence
 from pathlib import Path
 
+from contract.model_config import PRECISIONS
 from export.errors import ExportError, VerificationError
-from export.report import DEVICES, PRECISIONS
+from export.report import DEVICES
 
 
 def get_args(argv: Sequence[str]) -> argparse.Namespace:

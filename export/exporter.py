@@ -26,11 +26,13 @@ import onnxruntime
 import torch
 from onnx import TensorProto
 
+from contract import signature as sig
+from contract.hashing import sha256_file
+from contract.model_config import PRECISIONS, config_metadata
 from export import evaluate, graph, publish, quantize, verify
-from export import signature as sig
 from export.errors import ExportError, VerificationError
-from export.report import PRECISIONS, VerificationReport
-from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint, sha256_file
+from export.report import VerificationReport
+from models.checkpoint import Checkpoint, CheckpointError, load_checkpoint
 
 CONFIG_FORMAT = "rnnserve-model/1"
 SOURCE_CHECKPOINT_KEY = "source_checkpoint"  # absolute path of the checkpoint, for --verify-only
@@ -69,12 +71,7 @@ def model_metadata(checkpoint: Checkpoint, precision: str, producer: dict[str, s
     """metadata_props for the ONNX file: every key of signature.METADATA_KEYS, as strings."""
     config = checkpoint.config
     values = {
-        "arch": config.arch,
-        "vocab_size": str(config.vocab_size),
-        "num_layers": str(config.num_layers),
-        "hidden_size": str(config.hidden_size),
-        "embedding_size": str(config.embedding_size),
-        "pad_id": str(config.pad_id),
+        **config_metadata(config),
         "tokenizer": json.dumps(checkpoint.tokenizer, ensure_ascii=False, sort_keys=True),
         "checkpoint_sha256": checkpoint.weights_sha256,
         "precision": precision,

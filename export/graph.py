@@ -28,7 +28,7 @@ import numpy as np
 import onnx
 from onnx import TensorProto, helper, numpy_helper
 
-from export import signature as sig
+from contract import signature as sig
 
 # PyTorch stacks gate weights as (i, f, g, o) for LSTM and (r, z, n) for GRU; ONNX wants
 # (i, o, f, c) and (z, r, h). Each tuple lists, in ONNX order, the PyTorch gate index.

@@ -25,7 +25,6 @@ from typing import Any
 
 import numpy as np
 
-PRECISIONS = ("fp32", "int8", "fp16")
 DEVICES = ("auto", "cpu", "cuda")
 
 

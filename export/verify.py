@@ -35,10 +35,12 @@ import torch
 from google.protobuf.message import DecodeError
 from onnx import TensorProto
 
+from contract import signature as sig
+from contract.model_config import PRECISIONS, config_metadata
+from contract.ort_errors import ORT_ERRORS
 from export import evaluate
-from export import signature as sig
 from export.errors import ExportError
-from export.report import CRITERIA, DEVICES, PRECISIONS, CheckResult, VerificationReport
+from export.report import CRITERIA, DEVICES, CheckResult, VerificationReport
 from models.checkpoint import Checkpoint
 
 SEQUENCE_LENGTHS = (1, 2, 7, 64)
@@ -51,19 +53,6 @@ SEED = 20240607
 
 FORBIDDEN_OPS = ("Loop", "Scan", "Dropout")
 SEQUENCE_LENS_INPUT = 4  # position of `sequence_lens` among ONNX LSTM/GRU inputs
-
-# onnxruntime's Python exceptions derive straight from Exception.
-_ORT_STATE = ort.capi.onnxruntime_pybind11_state
-ORT_ERRORS: tuple[type[Exception], ...] = (
-    _ORT_STATE.Fail,
-    _ORT_STATE.InvalidArgument,
-    _ORT_STATE.InvalidGraph,
-    _ORT_STATE.InvalidProtobuf,
-    _ORT_STATE.NoSuchFile,
-    _ORT_STATE.NotImplemented,
-    _ORT_STATE.RuntimeException,
-    _ORT_STATE.EPFail,
-)
 
 
 class OnnxModel:
@@ -343,12 +332,7 @@ class _Verifier:
         metadata = {p.key: p.value for p in proto.metadata_props}
         config = self.config
         expected = {
-            "arch": config.arch,
-            "vocab_size": str(config.vocab_size),
-            "num_layers": str(config.num_layers),
-            "hidden_size": str(config.hidden_size),
-            "embedding_size": str(config.embedding_size),
-            "pad_id": str(config.pad_id),
+            **config_metadata(config),
             "checkpoint_sha256": self.checkpoint.weights_sha256,
             "precision": self.precision,
         }

@@ -13,7 +13,6 @@ Every file is written to a temporary name and renamed, so a crash never leaves h
 
 from __future__ import annotations
 
-import hashlib
 import json
 import os
 import tempfile
@@ -25,6 +24,7 @@ import torch
 from safetensors import SafetensorError
 from safetensors.torch import load_file, save_file
 
+from contract.hashing import sha256_file
 from models.config import ModelConfig
 from models.model import RNNLanguageModel
 
@@ -52,14 +52,6 @@ class Checkpoint:
     metrics: dict[str, Any]
     weights_sha256: str
     training: dict[str, Any] = field(default_factory=dict)
-
-
-def sha256_file(path: Path) -> str:
-    digest = hashlib.sha256()
-    with path.open("rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    return digest.hexdigest()
 
 
 def _atomic_write(path: Path, write: Any) -> None:

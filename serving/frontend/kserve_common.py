@@ -43,12 +43,13 @@ from typing import Any
 
 import numpy as np
 
-from serving.errors import InvalidArgumentError, ResourceExhaustedError, SessionNotFoundError
-from serving.registry import LoadedModel
-from serving.runtime import TEXT_TOKENIZERS, Runtime, SamplingFields
-from serving.sampling import log_softmax
-from serving.sessions import Session
-from serving.tokenizer import TokenizerError
+from contract.sampling import Sampling
+from contract.tokenizer import TEXT_TOKENIZERS, TokenizerError
+from serving.core.errors import InvalidArgumentError, ResourceExhaustedError, SessionNotFoundError
+from serving.core.registry import LoadedModel
+from serving.core.runtime import Runtime
+from serving.core.sampling import log_softmax
+from serving.core.sessions import Session
 
 SERVER_NAME = "rnnserve"
 SERVER_VERSION = "0.1.0"
@@ -377,7 +378,7 @@ class KServeFrontend:
         sampled = any(name in parameters for name in SAMPLING_PARAMETERS)
         sampling = None
         if sampled:
-            sampling = SamplingFields(
+            sampling = Sampling(
                 temperature=float(parameters.get("temperature", 1.0)),
                 top_k=parameters.get("sampling_top_k", 0),
                 top_p=float(parameters["top_p"]) if "top_p" in parameters else None,

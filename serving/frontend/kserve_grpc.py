@@ -4,7 +4,7 @@ A thin servicer: the messages come from the protobuf modules that `tritonclient`
 rule (sequences, inputs, outputs, model descriptions) is in serving.frontend.kserve_common. It is
 registered on the same grpc.aio server and port as rnnserve.v1, so Triton's clients and tools
 (tritonclient.grpc, perf_analyzer) reach the same sessions. Errors answer the status of
-serving.errors with the error's message; inside ModelStreamInfer a failed request answers an
+serving.core.errors with the error's message; inside ModelStreamInfer a failed request answers an
 `error_message` and the stream goes on, as in Triton.
 
 ModelStreamInfer runs the requests of different sequences concurrently (they batch together)
@@ -25,7 +25,7 @@ import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2
 
-from serving.errors import InvalidArgumentError, ServingError, status_code
+from serving.core.errors import InvalidArgumentError, ServingError, status_code
 from serving.frontend.kserve_common import (
     NUMPY_TYPES,
     SERVER_EXTENSIONS,
@@ -39,7 +39,7 @@ from serving.frontend.kserve_common import (
     element_count,
     sequence_of,
 )
-from serving.service import Identity, MalformedRequest, no_identity, request_parser
+from serving.frontend.servicer import Identity, MalformedRequest, no_identity, request_parser
 
 log = logging.getLogger(__name__)
 
@@ -168,7 +168,7 @@ def infer_response(answer: InferAnswer) -> service_pb2.ModelInferResponse:
 def add_kserve_servicer(servicer: KServeServicer, server: grpc.aio.Server) -> None:
     """Register inference.GRPCInferenceService's methods that rnnserve serves (the others, such as
     shared memory and model load/unload, answer UNIMPLEMENTED). A body that does not parse as its
-    message answers INVALID_ARGUMENT (see serving.service.MalformedRequest)."""
+    message answers INVALID_ARGUMENT (see serving.frontend.servicer.MalformedRequest)."""
     handlers = {}
     for name in METHODS:
         method = SERVICE.methods_by_name[name]

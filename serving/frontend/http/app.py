@@ -30,13 +30,13 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serving.affinity import check_affinity, proposed_session_id
-from serving.auth import TokenTable, bearer_token
-from serving.errors import InvalidArgumentError, ServingError, UnauthenticatedError, status_code
+from serving.core.errors import InvalidArgumentError, ServingError, UnauthenticatedError, status_code
+from serving.core.runtime import Generation
+from serving.frontend.affinity import check_affinity, proposed_session_id
 from serving.frontend.http import codec
 from serving.frontend.http.generate import GenerateRequest, parse_generate
 from serving.frontend.kserve_common import SERVER_EXTENSIONS, SERVER_NAME, SERVER_VERSION, KServeFrontend
-from serving.runtime import Generation
+from serving.ops.auth import TokenTable, bearer_token
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,

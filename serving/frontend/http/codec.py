@@ -14,7 +14,7 @@ from typing import Any
 
 import numpy as np
 
-from serving.errors import InvalidArgumentError
+from serving.core.errors import InvalidArgumentError
 from serving.frontend.kserve_common import (
     NUMPY_TYPES,
     InferAnswer,

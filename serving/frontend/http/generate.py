@@ -22,7 +22,10 @@ import dataclasses
 from dataclasses import dataclass
 from typing import Any
 
-from serving.errors import InvalidArgumentError, ResourceExhaustedError, SessionNotFoundError
+from contract.sampling import Sampling
+from serving.core.batcher import FinishReason
+from serving.core.errors import InvalidArgumentError, ResourceExhaustedError, SessionNotFoundError
+from serving.core.runtime import GenerateParams, Generation, Runtime
 from serving.frontend.kserve_common import (
     SEQUENCE_END,
     SEQUENCE_START,
@@ -31,8 +34,6 @@ from serving.frontend.kserve_common import (
     sequence_of,
     sequence_session_id,
 )
-from serving.runtime import GenerateParams, Generation, Runtime, SamplingFields
-from serving.scheduler import FinishReason
 
 DEFAULT_MAX_TOKENS = 100
 BODY_KEYS = ("text_input", "input_ids", "parameters")
@@ -149,7 +150,7 @@ async def parse_generate(
         prompt_text=text,
         prompt_tokens=input_ids,
         max_new_tokens=max_tokens,
-        sampling=SamplingFields(
+        sampling=Sampling(
             temperature=parameters.get("temperature"),
             top_k=top_k,
             top_p=parameters.get("top_p"),

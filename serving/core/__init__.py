@@ -1,0 +1,1 @@
+"""The inference core: repository, registry, engine, state pool, batcher, sessions, sampling, runtime."""

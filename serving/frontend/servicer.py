@@ -1,0 +1,406 @@
+"""The gRPC servicer of rnnserve.v1.Inference: protobuf in, a Runtime call, protobuf out.
+
+Every handler turns a ServingError into its status (errors.status_code) with the error's message;
+nothing else is decided here. `identity(context)` names the caller for session ownership (None
+while auth is off; the auth layer supplies its own function).
+
+Register the servicer with `add_inference_servicer`, not the generated
+`add_InferenceServicer_to_server`: a request body that is not the method's protobuf message then
+answers INVALID_ARGUMENT naming the message type, where grpc's own deserializer answers UNKNOWN
+("Unexpected <class 'DecodeError'>"), a code clients cannot act on.
+"""
+
+from __future__ import annotations
+
+import asyncio
+import json
+from collections.abc import AsyncIterator, Callable
+from dataclasses import dataclass
+from typing import Any
+
+import grpc
+from google.protobuf.message import DecodeError, Message
+
+from contract.sampling import Sampling
+from protos.rnnserve.v1 import inference_pb2 as pb
+from protos.rnnserve.v1 import inference_pb2_grpc
+from serving.core.batcher import PredictionRequest, StepResult
+from serving.core.errors import (
+    InvalidArgumentError,
+    ServingError,
+    SessionNotFoundError,
+    StreamOrderError,
+    UnavailableError,
+    status_code,
+)
+from serving.core.registry import LoadedModel
+from serving.core.runtime import GenerateParams, Runtime
+from serving.core.sessions import Session
+from serving.frontend.affinity import check_affinity, proposed_session_id
+from serving.ops.interceptor import HANDLER_KINDS
+
+Identity = Callable[[grpc.aio.ServicerContext], "str | None"]
+
+
+def no_identity(context: grpc.aio.ServicerContext) -> str | None:
+    return None
+
+
+@dataclass(frozen=True)
+class MalformedRequest:
+    """Stands in for a request body that does not parse as its method's protobuf message.
+
+    The request deserializer returns it instead of raising, so the handler can answer
+    INVALID_ARGUMENT (a raising deserializer makes grpc answer UNKNOWN).
+    """
+
+    message_type: str  # e.g. "rnnserve.v1.StepRequest"
+    reason: str  # protobuf's reason, e.g. "Wire format was corrupt"
+
+    def error(self) -> InvalidArgumentError:
+        return InvalidArgumentError(
+            f"the request body is not a valid {self.message_type} protobuf message: {self.reason}"
+        )
+
+
+def request_parser(message_class: type[Message]) -> Callable[[bytes], Any]:
+    """A request deserializer that answers a MalformedRequest instead of raising DecodeError."""
+    message_type = message_class.DESCRIPTOR.full_name
+
+    def parse(data: bytes) -> Message | MalformedRequest:
+        try:
+            return message_class.FromString(data)
+        except DecodeError as error:
+            # upb says "Error parsing message with type 'T': <reason>"; T is in our message already.
+            return MalformedRequest(message_type, str(error).rpartition("': ")[2] or str(error))
+
+    return parse
+
+
+def add_inference_servicer(servicer: InferenceServicer, server: grpc.aio.Server) -> None:
+    """Register rnnserve.v1.Inference on `server` (the generated registration, with request
+    deserializers that let malformed bodies reach the handler as a MalformedRequest)."""
+    service = pb.DESCRIPTOR.services_by_name["Inference"]
+    handlers = {
+        method.name: HANDLER_KINDS[method.client_streaming, method.server_streaming][1](
+            getattr(servicer, method.name),
+            request_deserializer=request_parser(getattr(pb, method.input_type.name)),
+            response_serializer=getattr(pb, method.output_type.name).SerializeToString,
+        )
+        for method in service.methods
+    }
+    server.add_generic_rpc_handlers((grpc.method_handlers_generic_handler(service.full_name, handlers),))
+    # As the generated code does: calls from generated stubs then skip the generic lookup.
+    # (grpc-stubs does not know this grpcio >= 1.62 method.)
+    server.add_registered_method_handlers(service.full_name, handlers)  # type: ignore[attr-defined]
+
+
+def _check_parsed(request: object) -> None:
+    """Raise InvalidArgumentError for a body that did not parse (see MalformedRequest)."""
+    if type(request) is MalformedRequest:
+        raise request.error()
+
+
+def sampling_fields(options: pb.SamplingOptions) -> Sampling:
+    return Sampling(
+        temperature=options.temperature if options.HasField("temperature") else None,
+        top_k=options.top_k,
+        top_p=options.top_p if options.HasField("top_p") else None,
+        seed=options.seed if options.HasField("seed") else None,
+    )
+
+
+def prediction_message(result: StepResult, position: int) -> pb.Prediction:
+    return pb.Prediction(
+        top_ids=result.top_ids,
+        top_logprobs=result.top_logprobs,
+        logits=result.logits,
+        sampled_token=result.sampled_token,
+        position=position,
+    )
+
+
+def version_message(model: LoadedModel) -> pb.ModelVersion:
+    manifest = model.manifest
+    return pb.ModelVersion(
+        version=manifest.version,
+        arch=manifest.arch,
+        vocab_size=manifest.vocab_size,
+        embedding_size=manifest.embedding_size,
+        hidden_size=manifest.hidden_size,
+        num_layers=manifest.num_layers,
+        pad_id=manifest.pad_id,
+        precision=manifest.precision,
+        tokenizer_json=model.tokenizer.to_json(),
+        state=[
+            pb.StateTensor(name=name, shape=[manifest.num_layers, manifest.hidden_size])
+            for name in manifest.state_names
+        ],
+        model_sha256=manifest.model_sha256,
+        active_sessions=model.active_sessions,
+        metrics_json=json.dumps(dict(manifest.metrics), sort_keys=True),
+    )
+
+
+class InferenceServicer(inference_pb2_grpc.InferenceServicer):
+    def __init__(self, runtime: Runtime, identity: Identity = no_identity) -> None:
+        self.runtime = runtime
+        self.identity = identity
+        self._background: set[asyncio.Task[None]] = set()
+
+    def _options(self, model: LoadedModel, options: pb.PredictionOptions) -> PredictionRequest:
+        sampling = sampling_fields(options.sampling) if options.HasField("sampling") else None
+        return self.runtime.prediction_request(model, options.top_k, options.return_logits, sampling)
+
+    def _close_later(self, session: Session) -> None:
+        """Close a session from a handler that is being torn down (it may have a step in flight)."""
+        task = asyncio.get_running_loop().create_task(self._close_quietly(session))
+        self._background.add(task)
+        task.add_done_callback(self._background.discard)
+
+    async def _close_quietly(self, session: Session) -> None:
+        try:
+            await self.runtime.close(session)
+        except SessionNotFoundError:
+            # Another request (CloseSession, an expiry) ended the session while this close waited
+            # for its turn: it is gone, which is what this close wanted. Nobody awaits this task,
+            # so the error would otherwise surface as "Task exception was never retrieved".
+            return
+        except UnavailableError:
+            # The server is shutting down and froze its sessions: it, not the client, ended this
+            # stream, and the session stays open for the shutdown snapshot.
+            return
+
+    async def Stream(  # noqa: N802 (a gRPC method name)
+        self,
+        request_iterator: AsyncIterator[pb.StreamRequest],
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.StreamResponse]:
+        runtime = self.runtime
+        owner = self.identity(context)
+        metadata = context.invocation_metadata()  # x-session-id: the stream's session (affinity)
+        session: Session | None = None
+        options = PredictionRequest()
+        ended = False
+        requests = aiter(request_iterator)
+        try:
+            while True:
+                try:
+                    request = await anext(requests)
+                except StopAsyncIteration:
+                    return
+                if type(request) is MalformedRequest:
+                    raise request.error()
+                kind = request.WhichOneof("kind")
+                if kind == "chunk":
+                    if session is None:
+                        raise StreamOrderError(
+                            "a chunk arrived before open or resume: the first message of a stream "
+                            "must open or resume a session"
+                        )
+                    tokens = runtime.check_tokens(session.model, request.chunk.tokens)
+                    result, position = await runtime.step(session, tokens, options)
+                    yield pb.StreamResponse(
+                        session_id=session.id,
+                        model=session.model.name,
+                        version=session.model.version,
+                        event=pb.STREAM_EVENT_PREDICTION,
+                        prediction=prediction_message(result, position),
+                    )
+                elif kind in ("open", "resume"):
+                    if session is not None:
+                        raise StreamOrderError(
+                            f"this stream already carries session {session.id}; "
+                            f"one stream carries one session (open another stream)"
+                        )
+                    if kind == "open":
+                        if not request.open.model:
+                            raise InvalidArgumentError("open needs a model name (see ListModels)")
+                        model = runtime.registry.resolve(request.open.model, request.open.version)
+                        options = self._options(model, request.open.options)  # validate before opening
+                        proposed = proposed_session_id(metadata)
+                        session = await runtime.open_session(model.name, model.version, owner, proposed)
+                        event = pb.STREAM_EVENT_OPENED
+                    else:
+                        check_affinity(metadata, request.resume.session_id)
+                        found = await runtime.find_session(request.resume.session_id, owner)
+                        options = self._options(found.model, request.resume.options)
+                        session, event = found, pb.STREAM_EVENT_RESUMED
+                    yield pb.StreamResponse(
+                        session_id=session.id,
+                        model=session.model.name,
+                        version=session.model.version,
+                        event=event,
+                    )
+                elif kind == "control":
+                    if session is None:
+                        raise StreamOrderError(
+                            "a control arrived before open or resume: the first "
+                            "message of a stream must open or resume a session"
+                        )
+                    if request.control == pb.CONTROL_RESET:
+                        await runtime.reset(session)
+                        event = pb.STREAM_EVENT_RESET
+                    elif request.control == pb.CONTROL_END:
+                        await runtime.close(session)
+                        ended, event = True, pb.STREAM_EVENT_ENDED
+                    else:
+                        raise InvalidArgumentError("control must be CONTROL_RESET or CONTROL_END")
+                    yield pb.StreamResponse(
+                        session_id=session.id,
+                        model=session.model.name,
+                        version=session.model.version,
+                        event=event,
+                    )
+                    if ended:
+                        await self._after_end(requests, session)
+                        return
+                else:
+                    raise InvalidArgumentError(
+                        "empty StreamRequest: set one of open, resume, chunk or control"
+                    )
+        except ServingError as error:
+            await context.abort(status_code(error), str(error))
+        finally:
+            if (
+                session is not None
+                and not ended
+                and runtime.settings.close_on_disconnect
+                and not session.closed
+            ):
+                self._close_later(session)
+
+    async def _after_end(self, requests: AsyncIterator[pb.StreamRequest], session: Session) -> None:
+        """After CONTROL_END the stream ends when the client half-closes (or after the linger);
+        a request arriving meanwhile is an error the client should hear about."""
+        try:
+            await asyncio.wait_for(anext(requests), self.runtime.settings.stream_end_linger_s)
+        except (StopAsyncIteration, asyncio.TimeoutError):  # the same class from Python 3.11
+            return
+        raise StreamOrderError(
+            f"a request followed CONTROL_END on this stream; session {session.id} "
+            f"has ended (open or resume a session on a new stream)"
+        )
+
+    async def Generate(  # noqa: N802 (a gRPC method name)
+        self,
+        request: pb.GenerateRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> AsyncIterator[pb.GenerateResponse]:
+        try:
+            _check_parsed(request)
+            metadata = context.invocation_metadata()
+            if request.session_id:
+                check_affinity(metadata, request.session_id)
+            params = GenerateParams(
+                model=request.model,
+                version=request.version,
+                session_id=request.session_id,
+                prompt_tokens=request.prompt_tokens,
+                prompt_text=request.prompt_text,
+                max_new_tokens=request.max_new_tokens,
+                sampling=sampling_fields(request.sampling),
+                stop_tokens=request.stop_tokens,
+                keep_session=request.keep_session,
+                new_session_id=proposed_session_id(metadata) if request.keep_session else None,
+            )
+            generation = await self.runtime.generate(params, self.identity(context))
+        except ServingError as error:
+            await context.abort(status_code(error), str(error))
+        kept = bool(request.session_id) or request.keep_session
+        session_id = generation.session.id if kept else ""
+        try:
+            async for chunk in generation.chunks():
+                yield pb.GenerateResponse(
+                    session_id=session_id,
+                    model=generation.model.name,
+                    version=generation.model.version,
+                    tokens=chunk.tokens,
+                    text=chunk.text,
+                    finish_reason=pb.FinishReason.Name(chunk.finish_reason or 0),
+                )
+        except ServingError as error:
+            await context.abort(status_code(error), str(error))
+        finally:
+            generation.cancel()  # a no-op once finished; stops the work when the client went away
+
+    async def CreateSession(  # noqa: N802 (a gRPC method name)
+        self,
+        request: pb.CreateSessionRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.CreateSessionResponse:
+        try:
+            _check_parsed(request)
+            proposed = proposed_session_id(context.invocation_metadata())
+            session = await self.runtime.open_session(
+                request.model, request.version, self.identity(context), proposed
+            )
+        except ServingError as error:
+            await context.abort(status_code(error), str(error))
+        return pb.CreateSessionResponse(
+            session_id=session.id, model=session.model.name, version=session.model.version
+        )
+
+    async def Step(  # noqa: N802 (a gRPC method name)
+        self, request: pb.StepRequest, context: grpc.aio.ServicerContext
+    ) -> pb.StepResponse:
+        runtime = self.runtime
+        try:
+            _check_parsed(request)
+            check_affinity(context.invocation_metadata(), request.session_id)
+            session = await runtime.find_session(request.session_id, self.identity(context))
+            options = self._options(session.model, request.options)
+            tokens = runtime.check_tokens(session.model, request.tokens, "a Step")
+            result, position = await runtime.step(session, tokens, options)
+        except ServingError as error:
+            await context.abort(status_code(error), str(error))
+        return pb.StepResponse(
+            session_id=session.id,
+            model=session.model.name,
+            version=session.model.version,
+            prediction=prediction_message(result, position),
+        )
+
+    async def CloseSession(  # noqa: N802 (a gRPC method name)
+        self,
+        request: pb.CloseSessionRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.CloseSessionResponse:
+        try:
+            _check_parsed(request)
+            check_affinity(context.invocation_metadata(), request.session_id)
+            session = await self.runtime.find_session(request.session_id, self.identity(context))
+            await self.runtime.close(session)
+        except ServingError as error:
+            await context.abort(status_code(error), str(error))
+        return pb.CloseSessionResponse()
+
+    async def ListModels(  # noqa: N802 (a gRPC method name)
+        self,
+        request: pb.ListModelsRequest,
+        context: grpc.aio.ServicerContext,
+    ) -> pb.ListModelsResponse:
+        if type(request) is MalformedRequest:
+            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
+        registry = self.runtime.registry
+        return pb.ListModelsResponse(
+            models=[self._model_info(name, registry.versions(name)) for name in registry.names()]
+        )
+
+    async def GetModel(  # noqa: N802 (a gRPC method name)
+        self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
+    ) -> pb.ModelInfo:
+        try:
+            _check_parsed(request)
+            model = self.runtime.registry.describe(request.name, request.version)
+        except ServingError as error:
+            await context.abort(status_code(error), str(error))
+        return self._model_info(model.name, [model])
+
+    def _model_info(self, name: str, versions: list[LoadedModel]) -> pb.ModelInfo:
+        latest = self.runtime.registry.latest(name)
+        return pb.ModelInfo(
+            name=name,
+            latest_version=latest.version if latest else 0,
+            versions=[version_message(m) for m in versions],
+        )

@@ -1,0 +1,1 @@
+"""Operations around the core: authentication, logs, metrics and model reload."""

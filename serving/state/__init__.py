@@ -1,0 +1,1 @@
+"""Session state kept beyond one process: session records, the snapshot file, Redis, recovery."""
