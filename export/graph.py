@@ -125,8 +125,11 @@ def build_model(
         node(op_type, rnn_inputs, outputs, **attrs)
         for k, name in enumerate(state_outputs):
             final_states[k].append(f"{name}_l{layer}")
-        node("Squeeze", [f"rnn_out_l{layer}", const(f"squeeze_axis_{layer}", np.array([1]))],
-             [f"layer_out_{layer}"])  # (T, B, H)
+        node(
+            "Squeeze",
+            [f"rnn_out_l{layer}", const(f"squeeze_axis_{layer}", np.array([1]))],
+            [f"layer_out_{layer}"],
+        )  # (T, B, H)
         layer_input = f"layer_out_{layer}"
 
     for k, name in enumerate(state_outputs):

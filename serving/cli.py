@@ -19,6 +19,7 @@ SUBCOMMANDS: dict[str, tuple[str, str]] = {
     "serve": ("serving.frontend.server", "serve a model repository over gRPC"),
     "generate": ("serving.clients.generate", "stream generated text from a running server"),
     "health": ("serving.clients.health", "check a server through the gRPC health service"),
+    "models": ("serving.clients.models_cli", "list a running server's models, versions and sizes"),
     "bench": ("bench.cli", "benchmark the engine, the transport and the server side by side"),
 }
 

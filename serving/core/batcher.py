@@ -58,7 +58,7 @@ from typing import Any
 import numpy as np
 
 from serving.core.engine import Engine
-from serving.core.errors import InferenceFailedError, ServingError, UnavailableError
+from serving.core.errors import InferenceFailedError, Reason, ServingError, UnavailableError
 from serving.core.observers import ServerObserver
 from serving.core.sampling import Sampler, log_softmax, sample, top_k
 from serving.core.state_pool import SavedRows
@@ -384,7 +384,12 @@ class Batcher:
         """Queue a work (or a task to run between batches on the worker thread)."""
         with self._submit_lock:
             if self._stopping:
-                raise UnavailableError(f"model {self.name!r} version {self.version} is unloading; retry")
+                raise UnavailableError(
+                    f"model {self.name!r} version {self.version} is unloading; retry",
+                    Reason.MODEL_UNLOADING,
+                    model=self.name,
+                    version=self.version,
+                )
             self._incoming.put(work)
 
     @property

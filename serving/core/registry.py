@@ -23,7 +23,7 @@ from contract.ort_errors import ORT_ERRORS
 from contract.tokenizer import Tokenizer
 from serving.core.batcher import Batcher, BatchingOptions
 from serving.core.engine import Engine, EngineError, EngineOptions, load_engine
-from serving.core.errors import NotFoundError
+from serving.core.errors import NotFoundError, Reason
 from serving.core.observers import ServerObserver
 from serving.core.repository import (
     ModelManifest,
@@ -214,7 +214,11 @@ class ModelRegistry:
         return next((m for m in self.versions(name) if not m.retired), None)
 
     def _missing_model(self, name: str) -> NotFoundError:
-        return NotFoundError(f"model {name!r} is not served; models: {self.names() or 'none'}")
+        return NotFoundError(
+            f"model {name!r} is not served; models: {self.names() or 'none'}",
+            Reason.MODEL_NOT_FOUND,
+            model=name,
+        )
 
     def describe(self, name: str, version: int = 0) -> LoadedModel:
         """A loaded version for the catalogue (retired ones too); 0 = the latest."""
@@ -226,7 +230,12 @@ class ModelRegistry:
         model = self._models[name].get(version)
         if model is None:
             loaded = [m.version for m in self.versions(name)]
-            raise NotFoundError(f"model {name!r} has no loaded version {version}; loaded versions: {loaded}")
+            raise NotFoundError(
+                f"model {name!r} has no loaded version {version}; loaded versions: {loaded}",
+                Reason.VERSION_NOT_FOUND,
+                model=name,
+                version=version,
+            )
         return model
 
     def resolve(self, name: str, version: int = 0) -> LoadedModel:
@@ -243,7 +252,10 @@ class ModelRegistry:
         if model is None:
             raise NotFoundError(
                 f"model {name!r} has no version {version} open to new sessions; "
-                f"versions open to new sessions: {open_versions or 'none'} (0 = latest)"
+                f"versions open to new sessions: {open_versions or 'none'} (0 = latest)",
+                Reason.VERSION_NOT_FOUND,
+                model=name,
+                version=version,
             )
         return model
 

@@ -26,10 +26,17 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from contract.session_id import is_session_id, new_session_id
-from serving.core.errors import ResourceExhaustedError, SessionNotFoundError, UnavailableError
+from serving.core.errors import Reason, ResourceExhaustedError, SessionNotFoundError, UnavailableError
 from serving.core.observers import ServerObserver
 from serving.core.registry import LoadedModel, ModelRegistry
 from serving.core.state_pool import PoolFullError
+
+# How a session ended (the metrics' label) -> what a later request for it is told.
+_GONE_REASONS = {
+    "closed": Reason.SESSION_CLOSED,
+    "expired": Reason.SESSION_EXPIRED,
+    "evicted": Reason.SESSION_EVICTED,
+}
 
 
 @dataclass(eq=False, slots=True)
@@ -75,7 +82,7 @@ class SessionManager:
         self.clock = clock
         # Least recently used first: lookups move a session to the end.
         self._sessions: OrderedDict[str, Session] = OrderedDict()
-        self._gone: OrderedDict[str, str] = OrderedDict()  # id -> why it is gone
+        self._gone: OrderedDict[str, tuple[Reason, str]] = OrderedDict()  # id -> why it is gone
         self._owned: dict[str, int] = {}  # owner -> open sessions
         self.frozen = False
         # Called as a session ends (closed, expired, evicted), before its slot is released, so
@@ -102,7 +109,9 @@ class SessionManager:
         if owner is not None and limit and self._owned.get(owner, 0) >= limit:
             raise ResourceExhaustedError(
                 f"{owner} holds its limit of {limit} open sessions (--max-sessions-per-token); "
-                f"close one (CloseSession or CONTROL_END) or let one expire"
+                f"close one (CloseSession or CONTROL_END) or let one expire",
+                Reason.OWNER_SESSION_LIMIT,
+                limit=limit,
             )
         if len(self._sessions) >= self.limits.max_sessions:
             self._make_room()
@@ -110,7 +119,10 @@ class SessionManager:
             slot = model.engine.acquire_slot()
         except PoolFullError:
             raise ResourceExhaustedError(
-                f"{model.label} has no free state slot ({self.limits.max_sessions} sessions)"
+                f"{model.label} has no free state slot ({self.limits.max_sessions} sessions)",
+                Reason.SESSION_LIMIT,
+                model=model.name,
+                limit=self.limits.max_sessions,
             ) from None
         new_id = session_id or new_session_id()
         session = Session(new_id, model, slot, owner, self.clock())
@@ -126,7 +138,9 @@ class SessionManager:
         limit = self.limits.max_sessions
         if self.limits.overflow == "refuse":
             raise ResourceExhaustedError(
-                f"the server holds its limit of {limit} sessions; close a session or retry later"
+                f"the server holds its limit of {limit} sessions; close a session or retry later",
+                Reason.SESSION_LIMIT,
+                limit=limit,
             )
         for session in self._sessions.values():
             if not session.busy:
@@ -137,34 +151,41 @@ class SessionManager:
                     f"reached its limit of {limit} sessions; open a new session",
                 )
                 return
-        raise ResourceExhaustedError(f"the server holds its limit of {limit} sessions and all are in use")
+        raise ResourceExhaustedError(
+            f"the server holds its limit of {limit} sessions and all are in use",
+            Reason.SESSION_LIMIT,
+            limit=limit,
+        )
 
     def get(self, session_id: str, owner: str | None = None) -> Session:
         """The open session with this id (and owner); raises SessionNotFoundError saying why not."""
         session = self._sessions.get(session_id)
         if session is None or session.owner != owner:
-            raise SessionNotFoundError(
-                self._why_missing(session_id) if session is None else self._unknown(session_id)
-            )
+            raise self._missing(session_id) if session is None else self._unknown(session_id)
         now = self.clock()
         if not session.busy and now - session.last_used > self.limits.idle_timeout_s:
             self._expire(session)
-            raise SessionNotFoundError(self._why_missing(session_id))
+            raise self._missing(session_id)
         session.last_used = now
         self._sessions.move_to_end(session_id)
         return session
 
-    def _unknown(self, session_id: str) -> str:
+    def _unknown(self, session_id: str) -> SessionNotFoundError:
         shown = session_id if len(session_id) <= 64 else session_id[:64] + "…"
         if not is_session_id(session_id):
-            return (
+            return SessionNotFoundError(
                 f"session {shown!r} not found: session ids are 32 lower-case hex characters, "
                 f"as returned by CreateSession, a Stream's open or Generate"
             )
-        return f"session {shown!r} not found"
+        return SessionNotFoundError(f"session {shown!r} not found", sessionId=session_id)
 
-    def _why_missing(self, session_id: str) -> str:
-        return self._gone.get(session_id) or self._unknown(session_id)
+    def _missing(self, session_id: str) -> SessionNotFoundError:
+        """The error for an id with no open session: why it is gone, when that is remembered."""
+        gone = self._gone.get(session_id)
+        if gone is None:
+            return self._unknown(session_id)
+        reason, message = gone
+        return SessionNotFoundError(message, reason, sessionId=session_id)
 
     async def acquire(self, session: Session) -> None:
         """Wait until no other request uses the session, then hold it. Raises SessionNotFoundError
@@ -172,7 +193,7 @@ class SessionManager:
         await session.lock.acquire()
         if session.closed:
             session.lock.release()
-            raise SessionNotFoundError(self._why_missing(session.id))
+            raise self._missing(session.id)
         if self.frozen:
             session.lock.release()
             raise UnavailableError(
@@ -246,7 +267,7 @@ class SessionManager:
         session.closed = True
         del self._sessions[session.id]
         if self.limits.gone_memory > 0:
-            self._gone[session.id] = message
+            self._gone[session.id] = (_GONE_REASONS[reason], message)
             while len(self._gone) > self.limits.gone_memory:
                 self._gone.popitem(last=False)
         if session.owner is not None:

@@ -24,7 +24,7 @@ from __future__ import annotations
 from collections.abc import Iterable
 
 from contract.session_id import SESSION_ID_KEY, is_session_id
-from serving.core.errors import InvalidArgumentError
+from serving.core.errors import InvalidArgumentError, Reason
 
 
 def metadata_session_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> str | None:
@@ -47,7 +47,8 @@ def proposed_session_id(metadata: Iterable[tuple[str, str | bytes]] | None) -> s
         shown = proposed if len(proposed) <= 64 else proposed[:64] + "…"
         raise InvalidArgumentError(
             f"{SESSION_ID_KEY} metadata {shown!r} cannot be a new session's id: it must be 32 "
-            f"lower-case hex characters (128 random bits), or left out to let the server choose"
+            f"lower-case hex characters (128 random bits), or left out to let the server choose",
+            Reason.INVALID_SESSION_ID,
         )
     return proposed
 
@@ -61,5 +62,6 @@ def check_affinity(metadata: Iterable[tuple[str, str | bytes]] | None, session_i
     if routed_by is not None and routed_by != session_id:
         raise InvalidArgumentError(
             f"{SESSION_ID_KEY} metadata {routed_by[:64]!r} differs from the request's session id "
-            f"{session_id[:64]!r}; send the session's own id (load balancers route by the metadata)"
+            f"{session_id[:64]!r}; send the session's own id (load balancers route by the metadata)",
+            Reason.SESSION_ID_MISMATCH,
         )

@@ -45,7 +45,7 @@ import numpy as np
 
 from contract.sampling import Sampling
 from contract.tokenizer import TEXT_TOKENIZERS, TokenizerError
-from serving.core.errors import InvalidArgumentError, ResourceExhaustedError, SessionNotFoundError
+from serving.core.errors import InvalidArgumentError, Reason, ResourceExhaustedError, SessionNotFoundError
 from serving.core.registry import LoadedModel
 from serving.core.runtime import Runtime
 from serving.core.sampling import log_softmax
@@ -154,7 +154,8 @@ def parse_version(text: str) -> int:
     if not text.isdigit() or int(text) < 1:
         raise InvalidArgumentError(
             f"model version {text[:40]!r} is not a version number: give a positive integer, or "
-            f"leave it empty for the latest"
+            f"leave it empty for the latest",
+            Reason.MALFORMED_REQUEST,
         )
     return int(text)
 
@@ -165,12 +166,14 @@ def check_parameters(parameters: Mapping[str, Any]) -> None:
         kinds = PARAMETER_TYPES.get(name)
         if kinds is None:
             raise InvalidArgumentError(
-                f"unknown request parameter {name[:64]!r}; allowed: {', '.join(sorted(PARAMETER_TYPES))}"
+                f"unknown request parameter {name[:64]!r}; allowed: {', '.join(sorted(PARAMETER_TYPES))}",
+                Reason.MALFORMED_REQUEST,
             )
         if type(value) not in kinds:
             wanted = " or ".join("boolean" if k is bool else k.__name__ for k in kinds)
             raise InvalidArgumentError(
-                f"request parameter {name!r} must be {wanted}, got {type(value).__name__} {value!r:.40}"
+                f"request parameter {name!r} must be {wanted}, got {type(value).__name__} {value!r:.40}",
+                Reason.MALFORMED_REQUEST,
             )
 
 
@@ -178,12 +181,18 @@ def sequence_of(parameters: Mapping[str, Any]) -> int | str | None:
     """The request's sequence id (None: no sequence); 0 and "" mean none, as in Triton."""
     value = parameters.get(SEQUENCE_ID)
     if isinstance(value, int) and not 0 <= value < 2**64:
-        raise InvalidArgumentError(f"sequence_id must be a uint64 (0 .. 2^64-1) or a string, got {value}")
+        raise InvalidArgumentError(
+            f"sequence_id must be a uint64 (0 .. 2^64-1) or a string, got {value}", Reason.INVALID_OPTION
+        )
     if isinstance(value, str) and len(value) > 256:
-        raise InvalidArgumentError(f"a string sequence_id has at most 256 characters, got {len(value)}")
+        raise InvalidArgumentError(
+            f"a string sequence_id has at most 256 characters, got {len(value)}", Reason.INVALID_OPTION
+        )
     if value in (None, 0, ""):
         if parameters.get(SEQUENCE_START) or parameters.get(SEQUENCE_END):
-            raise InvalidArgumentError("sequence_start and sequence_end need a non-zero sequence_id")
+            raise InvalidArgumentError(
+                "sequence_start and sequence_end need a non-zero sequence_id", Reason.INVALID_OPTION
+            )
         return None
     return value
 
@@ -374,7 +383,7 @@ class KServeFrontend:
         wanted = self._wanted_outputs(call.outputs, "top_k" in parameters)
         top_k = parameters.get("top_k", 0)
         if top_k < 0 or (top_k == 0 and "top_k" in parameters):
-            raise InvalidArgumentError(f"top_k must be at least 1, got {top_k}")
+            raise InvalidArgumentError(f"top_k must be at least 1, got {top_k}", Reason.INVALID_OPTION)
         sampled = any(name in parameters for name in SAMPLING_PARAMETERS)
         sampling = None
         if sampled:
@@ -385,9 +394,13 @@ class KServeFrontend:
                 seed=parameters.get("seed"),
             )
             if sampling.top_k < 0:
-                raise InvalidArgumentError(f"sampling_top_k must be >= 0 (0: no limit), got {sampling.top_k}")
+                raise InvalidArgumentError(
+                    f"sampling_top_k must be >= 0 (0: no limit), got {sampling.top_k}", Reason.INVALID_OPTION
+                )
             if sampling.seed is not None and not 0 <= sampling.seed < 2**64:
-                raise InvalidArgumentError(f"seed must be a uint64, got {sampling.seed}")
+                raise InvalidArgumentError(
+                    f"seed must be a uint64, got {sampling.seed}", Reason.INVALID_OPTION
+                )
         # Greedy next_token is the first top id (ties go to the lowest id, as the sampler's do),
         # which spares a random generator per request.
         request = runtime.prediction_request(model, top_k, LOGPROBS in wanted, sampling)
@@ -425,42 +438,49 @@ class KServeFrontend:
             names = [tensor.name[:64] for tensor in inputs]
             raise InvalidArgumentError(
                 f"{model.label} takes one input: {TOKENS!r} (INT64, shape [1, T]) or {TEXT!r} "
-                f"(BYTES, shape [1]); got {names}"
+                f"(BYTES, shape [1]); got {names}",
+                Reason.MALFORMED_REQUEST,
             )
         tensor = inputs[0]
         if tensor.name == TEXT:
             if tensor.datatype != "BYTES" or tensor.shape != (1,):
                 raise InvalidArgumentError(
                     f"input {TEXT!r} must be BYTES of shape [1], "
-                    f"got {tensor.datatype[:32]} {list(tensor.shape)}"
+                    f"got {tensor.datatype[:32]} {list(tensor.shape)}",
+                    Reason.MALFORMED_REQUEST,
                 )
             return self._encode_text(model, tensor.data[0])
         if tensor.datatype != "INT64":
-            raise InvalidArgumentError(f"input {TOKENS!r} must be INT64, got {tensor.datatype[:32]}")
+            raise InvalidArgumentError(
+                f"input {TOKENS!r} must be INT64, got {tensor.datatype[:32]}", Reason.MALFORMED_REQUEST
+            )
         if len(tensor.shape) != 2 or tensor.shape[0] != 1 or tensor.shape[1] < 1:
             raise InvalidArgumentError(
                 f"input {TOKENS!r} must have shape [1, T] with T >= 1 (one sequence), "
-                f"got {list(tensor.shape)}"
+                f"got {list(tensor.shape)}",
+                Reason.MALFORMED_REQUEST,
             )
         return tensor.data  # type: ignore[return-value]  # an int64 array reads as a sequence of ints
 
     def _encode_text(self, model: LoadedModel, raw: bytes) -> list[int]:
         if model.tokenizer.kind not in TEXT_TOKENIZERS:
             raise InvalidArgumentError(
-                f"{model.label} has a {model.tokenizer.kind!r} tokenizer without text; send {TOKENS!r}"
+                f"{model.label} has a {model.tokenizer.kind!r} tokenizer without text; send {TOKENS!r}",
+                Reason.INVALID_PROMPT,
             )
         limit = self.runtime.settings.max_tokens_per_request
         if len(raw) > 4 * limit:  # at least one token per character, at most 4 bytes per character
             raise ResourceExhaustedError(
-                f"the text input has {len(raw)} bytes, over the limit of {limit} tokens per request"
+                f"the text input has {len(raw)} bytes, over the limit of {limit} tokens per request",
+                Reason.TOO_MANY_TOKENS,
             )
         try:
             return model.tokenizer.encode(raw.decode("utf-8"))
         except UnicodeDecodeError:
-            raise InvalidArgumentError(f"input {TEXT!r} is not UTF-8 text") from None
+            raise InvalidArgumentError(f"input {TEXT!r} is not UTF-8 text", Reason.INVALID_PROMPT) from None
         except TokenizerError as error:
             raise InvalidArgumentError(
-                f"input {TEXT!r} cannot be encoded for {model.label}: {error}"
+                f"input {TEXT!r} cannot be encoded for {model.label}: {error}", Reason.INVALID_PROMPT
             ) from None
 
     def _wanted_outputs(self, requested: Sequence[str], has_top_k: bool) -> list[str]:
@@ -468,9 +488,13 @@ class KServeFrontend:
             return [TOP_IDS, TOP_LOGPROBS, NEXT_TOKEN] if has_top_k else [LOGPROBS, NEXT_TOKEN]
         unknown = [name[:64] for name in requested if name not in OUTPUT_TYPES]
         if unknown:
-            raise InvalidArgumentError(f"unknown outputs {unknown}; outputs: {', '.join(OUTPUT_TYPES)}")
+            raise InvalidArgumentError(
+                f"unknown outputs {unknown}; outputs: {', '.join(OUTPUT_TYPES)}", Reason.MALFORMED_REQUEST
+            )
         if len(set(requested)) != len(requested):
-            raise InvalidArgumentError(f"an output is requested twice: {list(requested)}")
+            raise InvalidArgumentError(
+                f"an output is requested twice: {list(requested)}", Reason.MALFORMED_REQUEST
+            )
         return list(requested)
 
     async def _sequence_session(
@@ -485,7 +509,8 @@ class KServeFrontend:
             if session.model is not model:
                 raise InvalidArgumentError(
                     f"sequence {sequence_id!r} runs on {session.model.label}, not version {model.version}; "
-                    f"leave the version empty to continue it"
+                    f"leave the version empty to continue it",
+                    Reason.SESSION_MODEL_MISMATCH,
                 )
             return session, False
         session_id = sequence_session_id(owner, model.name, sequence_id)
@@ -509,7 +534,8 @@ class KServeFrontend:
             reason = str(missing).replace(f"session {session_id}", f"its session {session_id}")
             raise SessionNotFoundError(
                 f"sequence {sequence_id!r} of model {model_name!r} is not open ({reason}); "
-                f"the first request of a sequence sets sequence_start"
+                f"the first request of a sequence sets sequence_start",
+                missing.reason,
             ) from None
 
 
@@ -518,7 +544,10 @@ class KServeFrontend:
 
 def element_count(name: str, shape: Sequence[int]) -> int:
     if any(dim < 0 for dim in shape):
-        raise InvalidArgumentError(f"input {name[:64]!r} has a negative dimension in its shape {list(shape)}")
+        raise InvalidArgumentError(
+            f"input {name[:64]!r} has a negative dimension in its shape {list(shape)}",
+            Reason.MALFORMED_REQUEST,
+        )
     return math.prod(shape)
 
 
@@ -528,11 +557,15 @@ def decode_bytes_elements(name: str, raw: bytes) -> list[bytes]:
     elements, offset = [], 0
     while offset < len(raw):
         if offset + 4 > len(raw):
-            raise InvalidArgumentError(f"input {name[:64]!r}: BYTES data ends inside an element's length")
+            raise InvalidArgumentError(
+                f"input {name[:64]!r}: BYTES data ends inside an element's length", Reason.MALFORMED_REQUEST
+            )
         size = int.from_bytes(raw[offset : offset + 4], "little")
         offset += 4
         if offset + size > len(raw):
-            raise InvalidArgumentError(f"input {name[:64]!r}: BYTES data ends inside an element")
+            raise InvalidArgumentError(
+                f"input {name[:64]!r}: BYTES data ends inside an element", Reason.MALFORMED_REQUEST
+            )
         elements.append(raw[offset : offset + size])
         offset += size
     return elements
@@ -550,17 +583,20 @@ def decode_raw(name: str, datatype: str, shape: Sequence[int], raw: bytes) -> In
         if len(raw) != count * dtype.itemsize:
             raise InvalidArgumentError(
                 f"input {name[:64]!r} has {len(raw)} bytes of data; shape {list(shape)} of {datatype} "
-                f"needs {count * dtype.itemsize}"
+                f"needs {count * dtype.itemsize}",
+                Reason.MALFORMED_REQUEST,
             )
         data = np.frombuffer(raw, dtype)
     else:
         raise InvalidArgumentError(
             f"input {name[:64]!r} has datatype {datatype[:32]!r}, which KServe v2 does not define; "
-            f"datatypes: {', '.join([*NUMPY_TYPES, 'BYTES'])}"
+            f"datatypes: {', '.join([*NUMPY_TYPES, 'BYTES'])}",
+            Reason.MALFORMED_REQUEST,
         )
     if len(data) != count:
         raise InvalidArgumentError(
-            f"input {name[:64]!r} has {len(data)} elements; shape {list(shape)} needs {count}"
+            f"input {name[:64]!r} has {len(data)} elements; shape {list(shape)} needs {count}",
+            Reason.MALFORMED_REQUEST,
         )
     return InputTensor(name, datatype, tuple(shape), data)
 

@@ -4,8 +4,9 @@ A thin servicer: the messages come from the protobuf modules that `tritonclient`
 rule (sequences, inputs, outputs, model descriptions) is in serving.frontend.kserve_common. It is
 registered on the same grpc.aio server and port as rnnserve.v1, so Triton's clients and tools
 (tritonclient.grpc, perf_analyzer) reach the same sessions. Errors answer the status of
-serving.core.errors with the error's message; inside ModelStreamInfer a failed request answers an
-`error_message` and the stream goes on, as in Triton.
+serving.core.errors (`abort`: the code, the message and an ErrorInfo with the reason, as
+rnnserve.v1 does); inside ModelStreamInfer a failed request answers an `error_message`
+("CODE REASON: message") and the stream goes on, as in Triton.
 
 ModelStreamInfer runs the requests of different sequences concurrently (they batch together)
 and those of one sequence in order; answers carry the request's `id`, and may arrive in another
@@ -25,7 +26,7 @@ import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2
 
-from serving.core.errors import InvalidArgumentError, ServingError, status_code
+from serving.core.errors import InvalidArgumentError, Reason, ServingError, abort, status_code
 from serving.frontend.kserve_common import (
     NUMPY_TYPES,
     SERVER_EXTENSIONS,
@@ -78,7 +79,7 @@ def parameter_value(parameter: service_pb2.InferParameter) -> Any:
     """An InferParameter as a Python value (bool, int, str or float)."""
     kind = parameter.WhichOneof("parameter_choice")
     if kind is None:
-        raise InvalidArgumentError("a request parameter has no value set")
+        raise InvalidArgumentError("a request parameter has no value set", Reason.MALFORMED_REQUEST)
     return getattr(parameter, kind)
 
 
@@ -86,7 +87,8 @@ def decode_inputs(request: service_pb2.ModelInferRequest) -> list[InputTensor]:
     raw = request.raw_input_contents
     if raw and len(raw) != len(request.inputs):
         raise InvalidArgumentError(
-            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; give one per input"
+            f"raw_input_contents has {len(raw)} entries for {len(request.inputs)} inputs; give one per input",
+            Reason.MALFORMED_REQUEST,
         )
     inputs = []
     for index, tensor in enumerate(request.inputs):
@@ -98,13 +100,16 @@ def decode_inputs(request: service_pb2.ModelInferRequest) -> list[InputTensor]:
         if field is None:
             raise InvalidArgumentError(
                 f"input {tensor.name[:64]!r} has datatype {tensor.datatype[:32]!r} without a contents "
-                f"field; send it in raw_input_contents"
+                f"field; send it in raw_input_contents",
+                Reason.MALFORMED_REQUEST,
             )
         values = getattr(tensor.contents, field)
         count = element_count(tensor.name, shape)
         if len(values) != count:
             raise InvalidArgumentError(
-                f"input {tensor.name[:64]!r} has {len(values)} values in {field}; shape {shape} needs {count}"
+                f"input {tensor.name[:64]!r} has {len(values)} values in {field}; "
+                f"shape {shape} needs {count}",
+                Reason.MALFORMED_REQUEST,
             )
         if tensor.datatype == "BYTES":
             data = np.empty(count, dtype=object)
@@ -214,7 +219,7 @@ class KServeServicer:
             _check_parsed(request)
             ready = self.frontend.model_ready(request.name, request.version)
         except ServingError as error:
-            await context.abort(status_code(error), str(error))
+            await abort(context, error)
         return service_pb2.ModelReadyResponse(ready=ready)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
@@ -222,7 +227,7 @@ class KServeServicer:
             _check_parsed(request)
             metadata = self.frontend.metadata(request.name, request.version)
         except ServingError as error:
-            await context.abort(status_code(error), str(error))
+            await abort(context, error)
         return json_format.ParseDict(metadata, service_pb2.ModelMetadataResponse())
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
@@ -230,14 +235,14 @@ class KServeServicer:
             _check_parsed(request)
             config = self.frontend.config(request.name, request.version)
         except ServingError as error:
-            await context.abort(status_code(error), str(error))
+            await abort(context, error)
         return service_pb2.ModelConfigResponse(
             config=json_format.ParseDict(config, model_config_pb2.ModelConfig())
         )
 
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         if type(request) is MalformedRequest:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
+            await abort(context, request.error())
         models = self.frontend.repository_index()
         if request.ready:
             models = [model for model in models if model["state"] == "READY"]
@@ -250,7 +255,7 @@ class KServeServicer:
             _check_parsed(request)
             entries = self.frontend.model_statistics(request.name, request.version)
         except ServingError as error:
-            await context.abort(status_code(error), str(error))
+            await abort(context, error)
         duration = service_pb2.StatisticDuration
         return service_pb2.ModelStatisticsResponse(
             model_stats=[
@@ -274,7 +279,7 @@ class KServeServicer:
             _check_parsed(request)
             answer = await self.frontend.infer(infer_call(request), self.identity(context))
         except ServingError as error:
-            await context.abort(status_code(error), str(error))
+            await abort(context, error)
         return infer_response(answer)
 
     async def ModelStreamInfer(  # noqa: N802
@@ -297,7 +302,7 @@ class KServeServicer:
                 response = service_pb2.ModelStreamInferResponse()
                 fill_response(response.infer_response, result)
             except ServingError as error:
-                response = failed(request, f"{status_code(error).name}: {error}")
+                response = failed(request, f"{status_code(error).name} {error.reason.value}: {error}")
             except Exception:  # answered, so the client does not wait for this request forever
                 log.exception("ModelStreamInfer request failed")
                 response = failed(request, "INTERNAL: the request failed inside the server")

@@ -1,5 +1,6 @@
 """`rnnserve serve`: the gRPC server (rnnserve.v1.Inference, KServe v2's
-inference.GRPCInferenceService, grpc.health.v1.Health, reflection) and the HTTP front end.
+inference.GRPCInferenceService, grpc.health.v1.Health, reflection v1 and v1alpha; see
+serving.frontend.standard_services) and the HTTP front end.
 
 main() reads top to bottom: parse the settings, check the security files, load the models,
 build the server (metrics, auth, TLS, hot reload, snapshots), restore saved sessions, serve until
@@ -39,9 +40,7 @@ import time
 from collections.abc import Sequence
 
 import grpc
-from grpc_health.v1 import health, health_pb2, health_pb2_grpc
-from grpc_health.v1._async import HealthServicer
-from grpc_reflection.v1alpha import reflection
+from grpc_health.v1 import health, health_pb2
 
 from protos.rnnserve.v1 import inference_pb2
 from serving.core.engine import EngineError, resolve_providers
@@ -55,6 +54,11 @@ from serving.frontend.kserve_common import KServeFrontend
 from serving.frontend.kserve_grpc import SERVICE_NAME as KSERVE_SERVICE
 from serving.frontend.kserve_grpc import KServeServicer, add_kserve_servicer
 from serving.frontend.servicer import Identity, InferenceServicer, add_inference_servicer, no_identity
+from serving.frontend.standard_services import (
+    HealthServicer,
+    add_health_servicer,
+    enable_reflection,
+)
 from serving.ops.auth import AuthInterceptor, SecurityConfigError, TokenTable, load_tokens, server_credentials
 from serving.ops.logs import CallTracker, configure_logging
 from serving.ops.metrics import MetricsBindError, MetricsObserver, MetricsServer, start_metrics_server
@@ -67,7 +71,6 @@ from serving.state.snapshot import SessionSnapshots
 log = logging.getLogger("rnnserve.server")
 
 INFERENCE_SERVICE = inference_pb2.DESCRIPTOR.services_by_name["Inference"].full_name
-SERVICE_NAMES = (INFERENCE_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME, reflection.SERVICE_NAME)
 STOP_SETTLE_S = 0.5  # after the freeze: time for calls to write their last answers
 QUIET_WAIT_S = 5.0  # after the gRPC stop: most time for cancelled work to leave the workers
 
@@ -258,8 +261,8 @@ async def create_server(
     grpc_server = grpc.aio.server(options=server_options(settings), interceptors=[calls, *interceptors])
     add_inference_servicer(InferenceServicer(runtime, identity), grpc_server)
     health_servicer = HealthServicer()
-    health_pb2_grpc.add_HealthServicer_to_server(health_servicer, grpc_server)
-    reflection.enable_server_reflection(SERVICE_NAMES, grpc_server)
+    add_health_servicer(health_servicer, grpc_server)
+    enable_reflection((INFERENCE_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME), grpc_server)
     server = RnnserveServer(settings, runtime, grpc_server, health_servicer, calls)
     add_kserve_servicer(KServeServicer(server.kserve, identity), grpc_server)
     await server.update_health()  # NOT_SERVING until start()
@@ -324,7 +327,7 @@ async def build_server(
             raise BindError(str(error)) from None
     if settings.health_port:
         health_server = grpc.aio.server()
-        health_pb2_grpc.add_HealthServicer_to_server(server.health, health_server)
+        add_health_servicer(server.health, health_server)
         server.health_port = _bind(health_server, settings.health_address, None)
         server.health_server = health_server
     if settings.http_port:  # bound last: nothing after it can fail and leave its socket open

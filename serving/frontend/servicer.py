@@ -1,8 +1,9 @@
 """The gRPC servicer of rnnserve.v1.Inference: protobuf in, a Runtime call, protobuf out.
 
-Every handler turns a ServingError into its status (errors.status_code) with the error's message;
-nothing else is decided here. `identity(context)` names the caller for session ownership (None
-while auth is off; the auth layer supplies its own function).
+Every handler turns a ServingError into its status with `errors.abort`: the code, the error's
+message and an ErrorInfo with its reason; nothing else is decided here. `identity(context)`
+names the caller for session ownership (None while auth is off; the auth layer supplies its own
+function).
 
 Register the servicer with `add_inference_servicer`, not the generated
 `add_InferenceServicer_to_server`: a request body that is not the method's protobuf message then
@@ -27,11 +28,12 @@ from protos.rnnserve.v1 import inference_pb2_grpc
 from serving.core.batcher import PredictionRequest, StepResult
 from serving.core.errors import (
     InvalidArgumentError,
+    Reason,
     ServingError,
     SessionNotFoundError,
     StreamOrderError,
     UnavailableError,
-    status_code,
+    abort,
 )
 from serving.core.registry import LoadedModel
 from serving.core.runtime import GenerateParams, Runtime
@@ -59,7 +61,8 @@ class MalformedRequest:
 
     def error(self) -> InvalidArgumentError:
         return InvalidArgumentError(
-            f"the request body is not a valid {self.message_type} protobuf message: {self.reason}"
+            f"the request body is not a valid {self.message_type} protobuf message: {self.reason}",
+            Reason.MALFORMED_REQUEST,
         )
 
 
@@ -215,7 +218,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         )
                     if kind == "open":
                         if not request.open.model:
-                            raise InvalidArgumentError("open needs a model name (see ListModels)")
+                            raise InvalidArgumentError(
+                                "open needs a model name (see ListModels)", Reason.MALFORMED_REQUEST
+                            )
                         model = runtime.registry.resolve(request.open.model, request.open.version)
                         options = self._options(model, request.open.options)  # validate before opening
                         proposed = proposed_session_id(metadata)
@@ -226,11 +231,14 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         found = await runtime.find_session(request.resume.session_id, owner)
                         options = self._options(found.model, request.resume.options)
                         session, event = found, pb.STREAM_EVENT_RESUMED
+                    # The position tells a resuming client which of its chunks the session has
+                    # consumed (one whose answer a lost connection swallowed, or none).
                     yield pb.StreamResponse(
                         session_id=session.id,
                         model=session.model.name,
                         version=session.model.version,
                         event=event,
+                        prediction=pb.Prediction(position=session.position),
                     )
                 elif kind == "control":
                     if session is None:
@@ -245,7 +253,9 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         await runtime.close(session)
                         ended, event = True, pb.STREAM_EVENT_ENDED
                     else:
-                        raise InvalidArgumentError("control must be CONTROL_RESET or CONTROL_END")
+                        raise InvalidArgumentError(
+                            "control must be CONTROL_RESET or CONTROL_END", Reason.MALFORMED_REQUEST
+                        )
                     yield pb.StreamResponse(
                         session_id=session.id,
                         model=session.model.name,
@@ -257,10 +267,11 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         return
                 else:
                     raise InvalidArgumentError(
-                        "empty StreamRequest: set one of open, resume, chunk or control"
+                        "empty StreamRequest: set one of open, resume, chunk or control",
+                        Reason.MALFORMED_REQUEST,
                     )
         except ServingError as error:
-            await context.abort(status_code(error), str(error))
+            await abort(context, error)
         finally:
             if (
                 session is not None
@@ -306,7 +317,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             )
             generation = await self.runtime.generate(params, self.identity(context))
         except ServingError as error:
-            await context.abort(status_code(error), str(error))
+            await abort(context, error)
         kept = bool(request.session_id) or request.keep_session
         session_id = generation.session.id if kept else ""
         try:
@@ -320,7 +331,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     finish_reason=pb.FinishReason.Name(chunk.finish_reason or 0),
                 )
         except ServingError as error:
-            await context.abort(status_code(error), str(error))
+            await abort(context, error)
         finally:
             generation.cancel()  # a no-op once finished; stops the work when the client went away
 
@@ -336,7 +347,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 request.model, request.version, self.identity(context), proposed
             )
         except ServingError as error:
-            await context.abort(status_code(error), str(error))
+            await abort(context, error)
         return pb.CreateSessionResponse(
             session_id=session.id, model=session.model.name, version=session.model.version
         )
@@ -353,7 +364,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             tokens = runtime.check_tokens(session.model, request.tokens, "a Step")
             result, position = await runtime.step(session, tokens, options)
         except ServingError as error:
-            await context.abort(status_code(error), str(error))
+            await abort(context, error)
         return pb.StepResponse(
             session_id=session.id,
             model=session.model.name,
@@ -372,7 +383,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             session = await self.runtime.find_session(request.session_id, self.identity(context))
             await self.runtime.close(session)
         except ServingError as error:
-            await context.abort(status_code(error), str(error))
+            await abort(context, error)
         return pb.CloseSessionResponse()
 
     async def ListModels(  # noqa: N802 (a gRPC method name)
@@ -381,7 +392,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         context: grpc.aio.ServicerContext,
     ) -> pb.ListModelsResponse:
         if type(request) is MalformedRequest:
-            await context.abort(grpc.StatusCode.INVALID_ARGUMENT, str(request.error()))
+            await abort(context, request.error())
         registry = self.runtime.registry
         return pb.ListModelsResponse(
             models=[self._model_info(name, registry.versions(name)) for name in registry.names()]
@@ -394,7 +405,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             _check_parsed(request)
             model = self.runtime.registry.describe(request.name, request.version)
         except ServingError as error:
-            await context.abort(status_code(error), str(error))
+            await abort(context, error)
         return self._model_info(model.name, [model])
 
     def _model_info(self, name: str, versions: list[LoadedModel]) -> pb.ModelInfo:

@@ -8,11 +8,12 @@ Tokens come from `--auth-tokens-file` (one per line) and from `RNNSERVE_AUTH_TOK
     ci:7d3e1b8f0a2c4e6d9b1f3a5c7e9d2b4f
     4c2a9e7d1b3f5a8c0e2d4b6f8a1c3e5d
 
-With any token configured, every call except the grpc.health.v1 service and KServe v2's
+With any token configured, every call except grpc.health.v1's Check and Watch and KServe v2's
 ServerLive and ServerReady (probes carry no secrets) must carry `authorization: Bearer TOKEN`
-metadata, else it is answered UNAUTHENTICATED before any work is done. Server reflection needs a
-token too (grpcurl: -H 'authorization: Bearer ...'); it only describes the public API, but an
-open door is one more to watch.
+metadata, else it is answered UNAUTHENTICATED (ErrorInfo reason BEARER_TOKEN_MISSING or
+BEARER_TOKEN_INVALID) before any work is done. Health's List needs a token: it enumerates every
+model name the server serves. Server reflection needs a token too (grpcurl: -H 'authorization:
+Bearer ...'); it only describes the public API, but an open door is one more to watch.
 
 A token's identity owns the sessions it opens: any other identity is told NOT_FOUND for them, the
 same answer as for an id that never existed. The identity is NAME when the line names one, so
@@ -36,14 +37,17 @@ from typing import Any
 
 import grpc
 
+from serving.core.errors import Reason, UnauthenticatedError, abort
 from serving.ops.interceptor import rebuild
 from serving.settings import ServerSettings
 
 AUTHORIZATION_KEY = "authorization"
 BEARER = "bearer "
-# Probes carry no secrets: grpc.health.v1, and KServe v2's server liveness and readiness.
+# Probes carry no secrets: grpc.health.v1's Check and Watch, and KServe v2's server liveness
+# and readiness.
 OPEN_PREFIXES = (
-    "/grpc.health.v1.Health/",
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
     "/inference.GRPCInferenceService/ServerLive",
     "/inference.GRPCInferenceService/ServerReady",
 )
@@ -156,7 +160,7 @@ def load_tokens(settings: ServerSettings) -> TokenTable | None:
     return TokenTable({_digest(token): identity for token, identity in tokens.items()})
 
 
-def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHandler:
+def _refusal(handler: grpc.RpcMethodHandler, error: UnauthenticatedError) -> grpc.RpcMethodHandler:
     """A handler of the same kind as `handler` that answers UNAUTHENTICATED and does nothing else."""
     streaming_requests = handler.request_streaming
 
@@ -169,7 +173,7 @@ def _refusal(handler: grpc.RpcMethodHandler, message: str) -> grpc.RpcMethodHand
             # Core") instead of this status. Bounded, so a silent client cannot hold the call.
             with contextlib.suppress(asyncio.TimeoutError):  # the same class as TimeoutError (3.11+)
                 await asyncio.wait_for(context.read(), FIRST_MESSAGE_WAIT_S)
-        await context.abort(grpc.StatusCode.UNAUTHENTICATED, message)
+        await abort(context, error)
 
     return rebuild(handler, refuse)
 
@@ -192,10 +196,18 @@ class AuthInterceptor(grpc.aio.ServerInterceptor):
         if token is None:
             return _refusal(
                 handler,
-                "this server needs a bearer token: send the metadata 'authorization: Bearer <token>'",
+                UnauthenticatedError(
+                    "this server needs a bearer token: send the metadata 'authorization: Bearer <token>'",
+                    Reason.BEARER_TOKEN_MISSING,
+                ),
             )
         if self.tokens.identify(token) is None:
-            return _refusal(handler, "the bearer token is not valid on this server")
+            return _refusal(
+                handler,
+                UnauthenticatedError(
+                    "the bearer token is not valid on this server", Reason.BEARER_TOKEN_INVALID
+                ),
+            )
         return handler
 
     def identity(self, context: grpc.aio.ServicerContext) -> str | None:

@@ -140,7 +140,7 @@ class CallTracker(CallInterceptor):
     def watches(self, method: str) -> bool:
         return not method.startswith(HEALTH_PREFIX)
 
-    def begin(self, context: Any, method: str, metadata: Any) -> tuple[bool, float]:
+    def begin(self, context: Any, method: str, metadata: Any, call_type: str) -> tuple[bool, float]:
         rid = choose_request_id(metadata)
         counted = method.startswith(INFERENCE_PREFIX)
         if counted:

@@ -15,10 +15,18 @@ are added under one lock (serving.ops.metrics_batches; about 15 µs for a 64-row
 and cached, and no label carries per-request values (session ids, tokens, paths). Every hook is
 thread-safe, so batch hooks may run on the models' worker threads.
 
-Metric names (all prefixed rnnserve_):
-    grpc_requests_started_total{service,method}, grpc_requests_total{service,method,code},
-    grpc_requests_in_flight{service,method}, grpc_request_seconds{service,method}
-        (from RequestMetricsInterceptor; a stream's seconds span the whole call)
+gRPC metrics, from RequestMetricsInterceptor, under the names and labels go-grpc-prometheus and
+py-grpc-prometheus use, so that existing dashboards and alerts work unchanged (calls in flight
+are started minus handled):
+    grpc_server_started_total{grpc_type,grpc_service,grpc_method}
+    grpc_server_handled_total{grpc_type,grpc_service,grpc_method,grpc_code}
+    grpc_server_handling_seconds{grpc_type,grpc_service,grpc_method} (histogram; a stream's
+        seconds span the whole call)
+    grpc_server_msg_received_total{grpc_type,grpc_service,grpc_method}
+    grpc_server_msg_sent_total{grpc_type,grpc_service,grpc_method}
+grpc_type is unary, client_stream, server_stream or bidi_stream.
+
+Domain metrics (all prefixed rnnserve_):
     tokens_in_total{model}, tokens_out_total{model}
     sessions_active{model,version}, sessions_opened_total{model},
     sessions_ended_total{model,reason} (closed, expired, evicted), sessions_restored_total{model,source}
@@ -67,6 +75,7 @@ REQUEST_BUCKETS = (0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0
 STORE_BUCKETS = (0.0001, 0.00025, 0.0005, 0.001, 0.0025, 0.005, 0.01, 0.025, 0.05, 0.1, 0.25, 0.5, 1.0)
 # fmt: on
 UNKNOWN_METHOD = ("unknown", "unknown")  # labels of calls to methods the server does not have
+UNKNOWN_TYPE = "unknown"  # a method the server does not have: its kind is unknown too
 
 
 @dataclass(frozen=True)
@@ -81,25 +90,25 @@ class _ModelSeries:
 
 @dataclass(frozen=True)
 class _RpcSeries:
+    """One RPC's label children, bound once."""
+
     started: Any
-    in_flight: Any
     seconds: Any
+    received: Any  # request messages the handler took
+    sent: Any  # response messages the handler gave
     handled: Counter  # the parent; its children by code are cached in `codes`
-    service: str
-    method: str
+    labels: tuple[str, str, str]  # grpc_type, grpc_service, grpc_method
     codes: dict[grpc.StatusCode, Any] = field(default_factory=dict)
 
     def begin(self) -> float:
         self.started.inc()
-        self.in_flight.inc()
         return time.perf_counter()
 
     def finish(self, code: grpc.StatusCode, started: float) -> None:
-        self.in_flight.dec()
         self.seconds.observe(time.perf_counter() - started)
         child = self.codes.get(code)
         if child is None:
-            child = self.codes[code] = self.handled.labels(self.service, self.method, code.name)
+            child = self.codes[code] = self.handled.labels(*self.labels, code.name)
         child.inc()
 
 
@@ -117,7 +126,7 @@ class MetricsObserver(ServerObserver):
             GCCollector(registry=self.registry)
         self._lock = threading.Lock()
         self._models: dict[str, _ModelSeries] = {}
-        self._rpcs: dict[str, _RpcSeries] = {}
+        self._rpcs: dict[tuple[str, str], _RpcSeries] = {}
         self._loaded: dict[str, set[int]] = {}  # model -> loaded versions (reload detection)
         self._providers: dict[tuple[str, int], tuple[str, str]] = {}  # (model, version) -> labels
 
@@ -130,15 +139,34 @@ class MetricsObserver(ServerObserver):
         def histogram(name: str, doc: str, labels: Sequence[str], buckets: Sequence[float]) -> Histogram:
             return Histogram(f"{PREFIX}_{name}", doc, labels, registry=self.registry, buckets=buckets)
 
-        rpc = ("service", "method")
-        self.requests_started = counter("grpc_requests_started", "gRPC calls started", rpc)
-        self.requests = counter("grpc_requests", "gRPC calls finished, by status code", (*rpc, "code"))
-        self.requests_in_flight = gauge("grpc_requests_in_flight", "gRPC calls running now", rpc)
-        self.request_seconds = histogram(
-            "grpc_request_seconds",
-            "gRPC call duration (a stream's spans the whole call)",
+        rpc = ("grpc_type", "grpc_service", "grpc_method")
+        self.rpcs_started = Counter(
+            "grpc_server_started_total", "RPCs started on the server", rpc, registry=self.registry
+        )
+        self.rpcs_handled = Counter(
+            "grpc_server_handled_total",
+            "RPCs completed on the server, regardless of success or failure",
+            (*rpc, "grpc_code"),
+            registry=self.registry,
+        )
+        self.rpc_seconds = Histogram(
+            "grpc_server_handling_seconds",
+            "Response latency of RPCs handled by the server (a stream's spans the whole call)",
             rpc,
-            REQUEST_BUCKETS,
+            registry=self.registry,
+            buckets=REQUEST_BUCKETS,
+        )
+        self.rpc_received = Counter(
+            "grpc_server_msg_received_total",
+            "RPC stream messages received on the server",
+            rpc,
+            registry=self.registry,
+        )
+        self.rpc_sent = Counter(
+            "grpc_server_msg_sent_total",
+            "gRPC stream messages sent by the server",
+            rpc,
+            registry=self.registry,
         )
         self.tokens_in = counter(
             "tokens_in", "Tokens consumed by the model (chunks, steps, prompts)", ("model",)
@@ -206,28 +234,29 @@ class MetricsObserver(ServerObserver):
                     self._models[model] = series
         return series
 
-    def rpc(self, full_method: str | None) -> _RpcSeries:
-        """The series of one RPC ("/package.Service/Method"); None: a method the server lacks."""
-        key = full_method or ""
+    def rpc(self, full_method: str | None, grpc_type: str = UNKNOWN_TYPE) -> _RpcSeries:
+        """The series of one RPC ("/package.Service/Method") of a kind (a value of
+        serving.ops.interceptor.CALL_TYPES); None: a method the server lacks."""
+        key = (full_method or "", grpc_type)
         series = self._rpcs.get(key)
         if series is None:
-            service, method = _split_method(full_method)
+            labels = (grpc_type, *_split_method(full_method))
             with self._lock:
                 series = self._rpcs.get(key)
                 if series is None:
                     series = _RpcSeries(
-                        started=self.requests_started.labels(service, method),
-                        in_flight=self.requests_in_flight.labels(service, method),
-                        seconds=self.request_seconds.labels(service, method),
-                        handled=self.requests,
-                        service=service,
-                        method=method,
+                        started=self.rpcs_started.labels(*labels),
+                        seconds=self.rpc_seconds.labels(*labels),
+                        received=self.rpc_received.labels(*labels),
+                        sent=self.rpc_sent.labels(*labels),
+                        handled=self.rpcs_handled,
+                        labels=labels,
                     )
                     self._rpcs[key] = series
         return series
 
     def interceptor(self) -> RequestMetricsInterceptor:
-        """A grpc.aio server interceptor feeding the grpc_requests_* metrics of this observer."""
+        """A grpc.aio server interceptor feeding the grpc_server_* metrics of this observer."""
         return RequestMetricsInterceptor(self)
 
     # ----- ServerObserver hooks: worker threads ---------------------------------------------
@@ -342,20 +371,28 @@ class RequestMetricsInterceptor(CallInterceptor):
     """Counts every call by service, method and final status code, with its duration.
 
     Only methods the server has get their own labels; calls to any other method are counted
-    under service="unknown", method="unknown" (code UNIMPLEMENTED), so clients cannot create
-    series at will.
+    under grpc_service="unknown", grpc_method="unknown", grpc_type="unknown" (code
+    UNIMPLEMENTED), so clients cannot create series at will.
     """
 
     def __init__(self, metrics: MetricsObserver) -> None:
         self.metrics = metrics
 
+    counts_messages = True
+
     def unimplemented(self, method: str) -> None:
         series = self.metrics.rpc(None)
         series.finish(grpc.StatusCode.UNIMPLEMENTED, series.begin())
 
-    def begin(self, context: Any, method: str, metadata: Any) -> tuple[_RpcSeries, float]:
-        series = self.metrics.rpc(method)
+    def begin(self, context: Any, method: str, metadata: Any, call_type: str) -> tuple[_RpcSeries, float]:
+        series = self.metrics.rpc(method, call_type)
         return series, series.begin()
+
+    def received(self, token: tuple[_RpcSeries, float]) -> None:
+        token[0].received.inc()
+
+    def sent(self, token: tuple[_RpcSeries, float]) -> None:
+        token[0].sent.inc()
 
     def end(self, context: Any, method: str, token: tuple[_RpcSeries, float], code: grpc.StatusCode) -> None:
         series, started = token

@@ -50,7 +50,7 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from serving.core.errors import InvalidArgumentError, SessionNotFoundError, UnavailableError
+from serving.core.errors import AlreadyExistsError, Reason, SessionNotFoundError, UnavailableError
 from serving.core.observers import ServerObserver
 from serving.core.registry import LoadedModel
 from serving.core.sessions import Session, SessionManager
@@ -252,7 +252,7 @@ class SessionRecovery:
     async def opened(self, session: Session) -> None:
         """Record a new session (in the zero state), claiming its id in Redis.
 
-        Raises InvalidArgumentError, after closing the session here, when Redis holds a record
+        Raises AlreadyExistsError, after closing the session here, when Redis holds a record
         under its id: a client proposed the id of another session. While Redis is down the
         session serves on, recoverable from its first save.
         """
@@ -262,9 +262,10 @@ class SessionRecovery:
         if claimed is False:
             self._foreign.add(session.id)
             self.sessions.close(session)
-            raise InvalidArgumentError(
+            raise AlreadyExistsError(
                 f"session id {session.id} is taken by another session; propose a fresh id or let "
-                f"the server choose one"
+                f"the server choose one",
+                sessionId=session.id,
             )
 
     def stepped(self, session: Session) -> Awaitable[Any] | None:
@@ -330,7 +331,9 @@ class SessionRecovery:
             record = await self.store.load(session_id)
         except StateStoreError as error:
             raise SessionNotFoundError(
-                f"{missing}; sessions saved by other replicas cannot be looked up now ({error})"
+                f"{missing}; sessions saved by other replicas cannot be looked up now ({error})",
+                missing.reason,
+                **missing.metadata,
             ) from None
         except RecordError as error:
             self._refusals.warning("session %s cannot be restored: %s", session_id, error)
@@ -339,7 +342,9 @@ class SessionRecovery:
             raise missing
         if self.wall_clock() - record.last_used > self.ttl_s:
             raise SessionNotFoundError(
-                f"session {session_id} expired after {self.ttl_s:g} s without requests; open a new session"
+                f"session {session_id} expired after {self.ttl_s:g} s without requests; open a new session",
+                Reason.SESSION_EXPIRED,
+                sessionId=session_id,
             )
         model = self._model_for(record)
         if self.sessions.frozen:
@@ -376,13 +381,19 @@ class SessionRecovery:
             raise SessionNotFoundError(
                 f"session {record.session_id} was saved on model {record.model!r} version "
                 f"{record.version}, which this replica does not serve (its versions of "
-                f"{record.model!r}: {served}); open a new session"
+                f"{record.model!r}: {served}); open a new session",
+                Reason.SESSION_NOT_RESTORABLE,
+                sessionId=record.session_id,
+                model=record.model,
+                version=record.version,
             )
         manifest = model.manifest
         try:
             record.check_fits(manifest)
         except RecordMismatchError as error:
-            raise SessionNotFoundError(f"{error}; open a new session") from None
+            raise SessionNotFoundError(
+                f"{error}; open a new session", Reason.SESSION_NOT_RESTORABLE, sessionId=record.session_id
+            ) from None
         return model
 
     async def _write_rows(self, model: LoadedModel, session: Session, record: SessionRecord) -> None:

@@ -11,8 +11,9 @@
     GET  /                                                    the playground page
 
 Errors answer the HTTP status of the gRPC code the other doors give (400 INVALID_ARGUMENT,
-401 UNAUTHENTICATED, 404 NOT_FOUND, 429 RESOURCE_EXHAUSTED, 503 UNAVAILABLE, 500 INTERNAL) and
-`{"error": "..."}`. With bearer tokens configured, every route but the health checks and the
+401 UNAUTHENTICATED, 404 NOT_FOUND, 409 ALREADY_EXISTS, 429 RESOURCE_EXHAUSTED, 503 UNAVAILABLE,
+500 INTERNAL) and `{"error": "...", "reason": "..."}`, the reason being the ErrorInfo reason gRPC
+answers for the same case. With bearer tokens configured, every route but the health checks and the
 playground page needs `Authorization: Bearer TOKEN`, and a token's identity owns its sessions,
 as on gRPC.
 """
@@ -30,7 +31,7 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serving.core.errors import InvalidArgumentError, ServingError, UnauthenticatedError, status_code
+from serving.core.errors import InvalidArgumentError, Reason, ServingError, UnauthenticatedError, status_code
 from serving.core.runtime import Generation
 from serving.frontend.affinity import check_affinity, proposed_session_id
 from serving.frontend.http import codec
@@ -53,8 +54,14 @@ SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx:
 Handler = Callable[[Request], Awaitable[Response]]
 
 
+def error_body(error: ServingError) -> dict[str, str]:
+    """The JSON of a refusal: the message, and the ErrorInfo reason gRPC answers for the same case."""
+    return {"error": str(error), "reason": error.reason.value}
+
+
 def error_response(error: ServingError) -> JSONResponse:
-    return JSONResponse({"error": str(error)}, status_code=HTTP_STATUS.get(status_code(error), 500))
+    """A refusal with the HTTP status of the error's gRPC code (the table above)."""
+    return JSONResponse(error_body(error), status_code=HTTP_STATUS.get(status_code(error), 500))
 
 
 def _json(value: Any, status: int = 200) -> Response:
@@ -103,11 +110,14 @@ class HttpApi:
         token = bearer_token([("authorization", request.headers.get("authorization", ""))])
         if token is None:
             raise UnauthenticatedError(
-                "this server needs a bearer token: send the header 'Authorization: Bearer <token>'"
+                "this server needs a bearer token: send the header 'Authorization: Bearer <token>'",
+                Reason.BEARER_TOKEN_MISSING,
             )
         identity = self.tokens.identify(token)
         if identity is None:
-            raise UnauthenticatedError("the bearer token is not valid on this server")
+            raise UnauthenticatedError(
+                "the bearer token is not valid on this server", Reason.BEARER_TOKEN_INVALID
+            )
         return identity
 
     @staticmethod
@@ -188,7 +198,9 @@ class HttpApi:
             body = await request.body()
             options = codec.parse_json(body, "repository index") if body else {}
             if not isinstance(options, dict):
-                raise InvalidArgumentError("the repository index body must be a JSON object")
+                raise InvalidArgumentError(
+                    "the repository index body must be a JSON object", Reason.MALFORMED_REQUEST
+                )
         except ServingError as error:
             return error_response(error)
         models = self.frontend.repository_index()
@@ -263,7 +275,7 @@ class HttpApi:
                     event = parsed.event(generation, chunk.text, chunk.tokens, chunk.finish_reason)
                     yield b"data: " + json.dumps(event).encode() + b"\n\n"
             except ServingError as error:
-                yield b"data: " + json.dumps({"error": str(error)}).encode() + b"\n\n"
+                yield b"data: " + json.dumps(error_body(error)).encode() + b"\n\n"
             finally:
                 generation.cancel()  # a no-op once finished; stops the work when the client left
 

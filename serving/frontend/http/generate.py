@@ -24,7 +24,7 @@ from typing import Any
 
 from contract.sampling import Sampling
 from serving.core.batcher import FinishReason
-from serving.core.errors import InvalidArgumentError, ResourceExhaustedError, SessionNotFoundError
+from serving.core.errors import InvalidArgumentError, Reason, ResourceExhaustedError, SessionNotFoundError
 from serving.core.runtime import GenerateParams, Generation, Runtime
 from serving.frontend.kserve_common import (
     SEQUENCE_END,
@@ -93,14 +93,19 @@ def _check(parameters: dict[str, Any]) -> None:
         kinds = PARAMETER_TYPES.get(name)
         if kinds is None:
             raise InvalidArgumentError(
-                f"unknown generate parameter {name[:64]!r}; allowed: {', '.join(PARAMETER_TYPES)}"
+                f"unknown generate parameter {name[:64]!r}; allowed: {', '.join(PARAMETER_TYPES)}",
+                Reason.MALFORMED_REQUEST,
             )
         if type(value) not in kinds:
             wanted = " or ".join({bool: "boolean", list: "list"}.get(k, k.__name__) for k in kinds)
-            raise InvalidArgumentError(f"generate parameter {name!r} must be {wanted}, got {value!r:.40}")
+            raise InvalidArgumentError(
+                f"generate parameter {name!r} must be {wanted}, got {value!r:.40}", Reason.MALFORMED_REQUEST
+            )
     stops = parameters.get("stop_token_ids", [])
     if not all(type(token) is int for token in stops):
-        raise InvalidArgumentError("stop_token_ids must be a list of integer token ids")
+        raise InvalidArgumentError(
+            "stop_token_ids must be a list of integer token ids", Reason.MALFORMED_REQUEST
+        )
 
 
 async def parse_generate(
@@ -110,39 +115,48 @@ async def parse_generate(
     every check this module can make)."""
     runtime = frontend.runtime
     if not isinstance(body, dict):
-        raise InvalidArgumentError("the generate body must be a JSON object with text_input and parameters")
+        raise InvalidArgumentError(
+            "the generate body must be a JSON object with text_input and parameters", Reason.MALFORMED_REQUEST
+        )
     unknown = [key[:64] for key in body if key not in BODY_KEYS]
     if unknown:
         raise InvalidArgumentError(
-            f"the generate body has unknown keys {unknown[:5]}; allowed: text_input, parameters"
+            f"the generate body has unknown keys {unknown[:5]}; allowed: text_input, parameters",
+            Reason.MALFORMED_REQUEST,
         )
     text = body.get("text_input", "")
     if not isinstance(text, str):
-        raise InvalidArgumentError("text_input must be a string")
+        raise InvalidArgumentError("text_input must be a string", Reason.MALFORMED_REQUEST)
     input_ids = body.get("input_ids", [])
     if not isinstance(input_ids, list) or not all(type(token) is int for token in input_ids):
-        raise InvalidArgumentError("input_ids must be a list of integer token ids")
+        raise InvalidArgumentError("input_ids must be a list of integer token ids", Reason.MALFORMED_REQUEST)
     parameters = body.get("parameters") or {}
     if not isinstance(parameters, dict):
-        raise InvalidArgumentError("parameters must be a JSON object")
+        raise InvalidArgumentError("parameters must be a JSON object", Reason.MALFORMED_REQUEST)
     _check(parameters)
     max_tokens = parameters.get("max_tokens", DEFAULT_MAX_TOKENS)
     if not 1 <= max_tokens <= runtime.settings.max_new_tokens:
-        error = InvalidArgumentError if max_tokens < 1 else ResourceExhaustedError
-        raise error(
+        message = (
             f"max_tokens must be in 1..{runtime.settings.max_new_tokens} (--max-new-tokens), got {max_tokens}"
+        )
+        if max_tokens < 1:
+            raise InvalidArgumentError(message, Reason.INVALID_OPTION, option="max_tokens")
+        raise ResourceExhaustedError(
+            message, Reason.MAX_NEW_TOKENS_EXCEEDED, limit=runtime.settings.max_new_tokens
         )
     seed = parameters.get("seed")
     if seed is not None and not 0 <= seed < 2**64:
-        raise InvalidArgumentError(f"seed must be a uint64, got {seed}")
+        raise InvalidArgumentError(f"seed must be a uint64, got {seed}", Reason.INVALID_OPTION)
     top_k = parameters.get("top_k", 0)
     if top_k < 0:
-        raise InvalidArgumentError(f"top_k must be >= 0 (0: no limit), got {top_k}")
+        raise InvalidArgumentError(f"top_k must be >= 0 (0: no limit), got {top_k}", Reason.INVALID_OPTION)
     sequence_id = sequence_of(parameters)
     session_id = parameters.get("session_id", "")
     keep = parameters.get("keep_session", False)
     if sequence_id is not None and (session_id or keep):
-        raise InvalidArgumentError("give sequence_id or session_id / keep_session, not both")
+        raise InvalidArgumentError(
+            "give sequence_id or session_id / keep_session, not both", Reason.INVALID_OPTION
+        )
     params = GenerateParams(
         model=model_name,
         version=parse_version(version),
@@ -165,7 +179,8 @@ async def parse_generate(
         session = await runtime.find_session(session_id, owner)
         if session.model.name != model_name:
             raise InvalidArgumentError(
-                f"session {session_id} is on model {session.model.name!r}, not {model_name!r}"
+                f"session {session_id} is on model {session.model.name!r}, not {model_name!r}",
+                Reason.SESSION_MODEL_MISMATCH,
             )
         return GenerateRequest(params, kept=True, end=False)
     if sequence_id is None:
@@ -185,7 +200,8 @@ async def parse_generate(
         )
     if not text:
         raise InvalidArgumentError(
-            "sequence_start needs a text_input (a new sequence has no text to continue)"
+            "sequence_start needs a text_input (a new sequence has no text to continue)",
+            Reason.INVALID_PROMPT,
         )
     model = runtime.registry.resolve(model_name, params.version)
     if session.model is not model:

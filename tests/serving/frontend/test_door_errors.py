@@ -15,9 +15,12 @@ import httpx
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
-from tritonclient.grpc import service_pb2
+from tritonclient.grpc import service_pb2, service_pb2_grpc
+from tritonclient.grpc._utils import _get_inference_request
 from tritonclient.utils import InferenceServerException
 
+from serving.clients.client import error_info
+from serving.core.errors import ERROR_DOMAIN
 from serving.frontend.kserve_grpc import SERVICE_NAME
 from tests.support.frontend import FrontDoorServer
 from tests.support.models import Oracle
@@ -39,55 +42,69 @@ def _input(values: Any, shape: list[int], datatype: str = "INT64") -> grpcclient
     return tensor
 
 
-GRPC_CASES: list[tuple[str, dict[str, Any], str, str]] = [
-    # (case, infer() arguments, status, words the message must contain)
-    ("unknown model", {"model_name": "nope", "inputs": [_input([[1]], [1, 1])]}, "NOT_FOUND", "not served"),
+GRPC_CASES: list[tuple[str, dict[str, Any], str, str, str]] = [
+    # (case, infer() arguments, status, ErrorInfo reason, words the message must contain)
+    (
+        "unknown model",
+        {"model_name": "nope", "inputs": [_input([[1]], [1, 1])]},
+        "NOT_FOUND",
+        "MODEL_NOT_FOUND",
+        "not served",
+    ),
     (
         "unknown version",
         {"model_name": MODEL, "model_version": "7", "inputs": [_input([[1]], [1, 1])]},
         "NOT_FOUND",
+        "VERSION_NOT_FOUND",
         "version 7",
     ),
     (
         "bad version",
         {"model_name": MODEL, "model_version": "one", "inputs": [_input([[1]], [1, 1])]},
         "INVALID_ARGUMENT",
+        "MALFORMED_REQUEST",
         "positive integer",
     ),
     (
         "wrong datatype",
         {"model_name": MODEL, "inputs": [_input(np.array([[1]], np.int32), [1, 1], "INT32")]},
         "INVALID_ARGUMENT",
+        "MALFORMED_REQUEST",
         "must be INT64",
     ),
     (
         "wrong shape",
         {"model_name": MODEL, "inputs": [_input(np.array([1, 2], np.int64), [2])]},
         "INVALID_ARGUMENT",
+        "MALFORMED_REQUEST",
         "shape [1, T]",
     ),
     (
         "two rows",
         {"model_name": MODEL, "inputs": [_input(np.array([[1], [2]], np.int64), [2, 1])]},
         "INVALID_ARGUMENT",
+        "MALFORMED_REQUEST",
         "shape [1, T]",
     ),
     (
         "out of vocabulary",
         {"model_name": MODEL, "inputs": [_input(np.array([[999]], np.int64), [1, 1])]},
         "INVALID_ARGUMENT",
+        "TOKEN_OUT_OF_VOCABULARY",
         "outside the vocabulary",
     ),
     (
         "unknown parameter",
         {"model_name": MODEL, "inputs": [_input([[1]], [1, 1])], "parameters": {"colour": "red"}},
         "INVALID_ARGUMENT",
+        "MALFORMED_REQUEST",
         "unknown request parameter",
     ),
     (
         "unknown sequence",
         {"model_name": MODEL, "inputs": [_input([[1]], [1, 1])], "sequence_id": 999},
         "NOT_FOUND",
+        "SESSION_NOT_FOUND",
         "sequence_start",
     ),
     (
@@ -98,6 +115,7 @@ GRPC_CASES: list[tuple[str, dict[str, Any], str, str]] = [
             "outputs": [grpcclient.InferRequestedOutput("logits")],
         },
         "INVALID_ARGUMENT",
+        "MALFORMED_REQUEST",
         "unknown outputs",
     ),
     (
@@ -109,6 +127,7 @@ GRPC_CASES: list[tuple[str, dict[str, Any], str, str]] = [
             "parameters": {"temperature": -1.0},
         },
         "INVALID_ARGUMENT",
+        "INVALID_OPTION",
         "temperature",
     ),
     (
@@ -120,6 +139,7 @@ GRPC_CASES: list[tuple[str, dict[str, Any], str, str]] = [
             "parameters": {"top_k": 0},
         },
         "INVALID_ARGUMENT",
+        "INVALID_OPTION",
         "top_k",
     ),
     (
@@ -130,19 +150,21 @@ GRPC_CASES: list[tuple[str, dict[str, Any], str, str]] = [
             "sequence_id": SEQUENCE,
         },
         "INVALID_ARGUMENT",
+        "TOKEN_OUT_OF_VOCABULARY",
         "token id 999",
     ),
 ]
 
-HTTP_CASES: list[tuple[str, str, Any, int, str]] = [
-    # (case, path, body: bytes or JSON, HTTP status, words the error must contain)
-    ("malformed JSON", f"/v2/models/{MODEL}/infer", b"{not json", 400, "not valid JSON"),
-    ("no inputs", f"/v2/models/{MODEL}/infer", {"parameters": {}}, 400, "inputs"),
+HTTP_CASES: list[tuple[str, str, Any, int, str, str]] = [
+    # (case, path, body: bytes or JSON, HTTP status, reason, words the error must contain)
+    ("malformed JSON", f"/v2/models/{MODEL}/infer", b"{not json", 400, "MALFORMED_REQUEST", "not valid JSON"),
+    ("no inputs", f"/v2/models/{MODEL}/infer", {"parameters": {}}, 400, "MALFORMED_REQUEST", "inputs"),
     (
         "float data for INT64",
         f"/v2/models/{MODEL}/infer",
         {"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 1], "data": [1.5]}]},
         400,
+        "MALFORMED_REQUEST",
         "integers",
     ),
     (
@@ -150,6 +172,7 @@ HTTP_CASES: list[tuple[str, str, Any, int, str]] = [
         f"/v2/models/{MODEL}/infer",
         {"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 3], "data": [1, 2]}]},
         400,
+        "MALFORMED_REQUEST",
         "needs 3",
     ),
     (
@@ -157,6 +180,7 @@ HTTP_CASES: list[tuple[str, str, Any, int, str]] = [
         f"/v2/models/{MODEL}/infer",
         {"inputs": [{"name": "tokens", "datatype": "INT65", "shape": [1, 1], "data": [1]}]},
         400,
+        "MALFORMED_REQUEST",
         "does not define",
     ),
     (
@@ -167,6 +191,7 @@ HTTP_CASES: list[tuple[str, str, Any, int, str]] = [
             "inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 1], "data": [1]}],
         },
         400,
+        "MALFORMED_REQUEST",
         "boolean",
     ),
     (
@@ -174,15 +199,24 @@ HTTP_CASES: list[tuple[str, str, Any, int, str]] = [
         "/v2/models/nope/infer",
         {"inputs": [{"name": "tokens", "datatype": "INT64", "shape": [1, 1], "data": [1]}]},
         404,
+        "MODEL_NOT_FOUND",
         "not served",
     ),
-    ("unknown model config", "/v2/models/nope/config", None, 404, "not served"),
-    ("generate: malformed JSON", f"/v2/models/{MODEL}/generate", b"[1,", 400, "not valid JSON"),
+    ("unknown model config", "/v2/models/nope/config", None, 404, "MODEL_NOT_FOUND", "not served"),
+    (
+        "generate: malformed JSON",
+        f"/v2/models/{MODEL}/generate",
+        b"[1,",
+        400,
+        "MALFORMED_REQUEST",
+        "not valid JSON",
+    ),
     (
         "generate: unknown parameter",
         f"/v2/models/{MODEL}/generate",
         {"text_input": "a", "parameters": {"max_new_tokens": 3}},
         400,
+        "MALFORMED_REQUEST",
         "unknown generate parameter",
     ),
     (
@@ -190,6 +224,7 @@ HTTP_CASES: list[tuple[str, str, Any, int, str]] = [
         f"/v2/models/{MODEL}/generate",
         {"text_input": "a", "parameters": {"max_tokens": "3"}},
         400,
+        "MALFORMED_REQUEST",
         "must be int",
     ),
     (
@@ -197,6 +232,7 @@ HTTP_CASES: list[tuple[str, str, Any, int, str]] = [
         f"/v2/models/{MODEL}/generate",
         {"text_input": "a", "parameters": {"max_tokens": 10**6}},
         429,
+        "MAX_NEW_TOKENS_EXCEEDED",
         "max-new-tokens",
     ),
     (
@@ -204,6 +240,7 @@ HTTP_CASES: list[tuple[str, str, Any, int, str]] = [
         f"/v2/models/{MODEL}/generate_stream",
         {"text_input": "ZZZ"},
         400,
+        "INVALID_PROMPT",
         "cannot be encoded",
     ),
     (
@@ -211,6 +248,7 @@ HTTP_CASES: list[tuple[str, str, Any, int, str]] = [
         f"/v2/models/{MODEL}/generate",
         {"text_input": "a", "parameters": {"session_id": "0" * 32}},
         404,
+        "SESSION_NOT_FOUND",
         "session",
     ),
     (
@@ -218,6 +256,7 @@ HTTP_CASES: list[tuple[str, str, Any, int, str]] = [
         f"/v2/models/{MODEL}/generate_stream",
         {"text_input": "a", "parameters": {"sequence_id": "nope"}},
         404,
+        "SESSION_NOT_FOUND",
         "sequence_start",
     ),
     (
@@ -225,6 +264,7 @@ HTTP_CASES: list[tuple[str, str, Any, int, str]] = [
         f"/v2/models/{MODEL}/generate",
         {"text_input": "a", "parameters": {"sequence_id": 3, "keep_session": True}},
         400,
+        "INVALID_OPTION",
         "not both",
     ),
 ]
@@ -251,11 +291,40 @@ def _finish_sequence(doors: FrontDoorServer, client: grpcclient.InferenceServerC
 def test_grpc_bad_requests_are_refused_and_change_nothing(doors: FrontDoorServer) -> None:
     client = _start_sequence(doors)
     sessions = doors.on_loop(lambda: len(doors.runtime.sessions))
-    for case, arguments, status, words in GRPC_CASES:
+    for case, arguments, status, _, words in GRPC_CASES:
         with pytest.raises(InferenceServerException) as refused:
             client.infer(**arguments)
         assert refused.value.status() == f"StatusCode.{status}", case
         assert words in refused.value.message(), (case, refused.value.message())
+    _finish_sequence(doors, client, sessions)
+
+
+def test_grpc_refusals_carry_the_error_info_of_rnnserve_v1(doors: FrontDoorServer) -> None:
+    """The same requests on a plain stub: each status carries the ErrorInfo with its reason."""
+    client = _start_sequence(doors)
+    sessions = doors.on_loop(lambda: len(doors.runtime.sessions))
+    with grpc.insecure_channel(doors.target) as channel:
+        stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+        for case, arguments, status, reason, _ in GRPC_CASES:
+            request = _get_inference_request(
+                model_name=arguments["model_name"],
+                inputs=arguments["inputs"],
+                model_version=arguments.get("model_version", ""),
+                request_id="",
+                outputs=arguments.get("outputs"),
+                sequence_id=arguments.get("sequence_id", 0),
+                sequence_start=False,
+                sequence_end=False,
+                priority=0,
+                timeout=None,
+                parameters=arguments.get("parameters"),
+            )
+            with pytest.raises(grpc.RpcError) as refused:
+                stub.ModelInfer(request)
+            assert refused.value.code() == getattr(grpc.StatusCode, status), case
+            info = error_info(refused.value)
+            assert info is not None and info.domain == ERROR_DOMAIN, case
+            assert info.reason == reason, (case, info)
     _finish_sequence(doors, client, sessions)
 
 
@@ -264,14 +333,15 @@ def test_stream_infer_answers_errors_in_the_stream_and_goes_on(doors: FrontDoorS
     sessions = doors.on_loop(lambda: len(doors.runtime.sessions))
     answers: list[Any] = []
     client.start_stream(callback=lambda result, error: answers.append(error or result))
-    for index, (_, arguments, _, _) in enumerate(GRPC_CASES):
+    for index, (_, arguments, _, _, _) in enumerate(GRPC_CASES):
         client.async_stream_infer(request_id=str(index), **arguments)
     client.stop_stream()  # waits for every answer
     assert len(answers) == len(GRPC_CASES)
     assert all(isinstance(answer, InferenceServerException) for answer in answers), answers
     messages = sorted(a.message() for a in answers)
-    for _, _, status, words in GRPC_CASES:
-        assert any(m.startswith(status) and words in m for m in messages), (status, words, messages)
+    for _, _, status, reason, words in GRPC_CASES:
+        prefix = f"{status} {reason}: "
+        assert any(m.startswith(prefix) and words in m for m in messages), (prefix, words, messages)
     _finish_sequence(doors, client, sessions)
 
 
@@ -279,7 +349,7 @@ def test_http_bad_requests_are_refused_and_change_nothing(doors: FrontDoorServer
     client = _start_sequence(doors)
     sessions = doors.on_loop(lambda: len(doors.runtime.sessions))
     with httpx.Client(base_url=doors.http_url, timeout=30) as http:
-        for case, path, body, status, words in HTTP_CASES:
+        for case, path, body, status, reason, words in HTTP_CASES:
             if body is None:
                 response = http.get(path)
             elif isinstance(body, bytes):
@@ -288,6 +358,7 @@ def test_http_bad_requests_are_refused_and_change_nothing(doors: FrontDoorServer
                 response = http.post(path, json=body)
             assert response.status_code == status, (case, response.text)
             assert words in response.json()["error"], (case, response.json())
+            assert response.json()["reason"] == reason, (case, response.json())
     _finish_sequence(doors, client, sessions)
 
 
@@ -302,6 +373,8 @@ def test_a_body_that_is_not_the_message_answers_invalid_argument(doors: FrontDoo
             call(b"\xff\xff\xff")
     assert refused.value.code() == grpc.StatusCode.INVALID_ARGUMENT
     assert "inference.ModelInferRequest" in refused.value.details()
+    info = error_info(refused.value)
+    assert info is not None and info.reason == "MALFORMED_REQUEST"
 
 
 def test_kserve_grpc_needs_a_bearer_token_except_for_probes(model_repository: Path) -> None:

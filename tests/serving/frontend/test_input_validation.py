@@ -761,7 +761,7 @@ def expected_stream(actions: list[str], script: StreamScript) -> tuple[Expected,
                 expected.events.append((pb.STREAM_EVENT_OPENED, 0))
             else:
                 session, position, live_history = script.live, 2, [1, 2]
-                expected.events.append((pb.STREAM_EVENT_RESUMED, 0))
+                expected.events.append((pb.STREAM_EVENT_RESUMED, position))  # where it stands
             continue
         if session is None:
             kind = "chunk" if action.startswith("chunk") else "control"

@@ -106,9 +106,9 @@ def test_tokens_are_required_except_for_health(secured: OpsServer) -> None:
             )
         assert closed.value.code() == UNAUTHENTICATED  # type: ignore[attr-defined]
     metrics = secured.scrape()
-    labels = {"service": "rnnserve.v1.Inference", "method": "ListModels"}
-    assert sample(metrics, "rnnserve_grpc_requests_total", code="UNAUTHENTICATED", **labels) == 2
-    assert sample(metrics, "rnnserve_grpc_requests_total", code="OK", **labels) == 4
+    labels = {"grpc_service": "rnnserve.v1.Inference", "grpc_method": "ListModels", "grpc_type": "unary"}
+    assert sample(metrics, "grpc_server_handled_total", grpc_code="UNAUTHENTICATED", **labels) == 2
+    assert sample(metrics, "grpc_server_handled_total", grpc_code="OK", **labels) == 4
 
 
 def test_a_session_belongs_to_the_token_that_opened_it(secured: OpsServer) -> None:

@@ -88,8 +88,15 @@ def chain(behavior: Any, streaming: bool) -> tuple[Any, MetricsObserver]:
 
 
 def counted(metrics: MetricsObserver, code: str) -> float:
-    labels = {"service": "rnnserve.v1.Inference", "method": "Step", "code": code}
-    return metrics.registry.get_sample_value("rnnserve_grpc_requests_total", labels) or 0.0
+    """Calls to Step ended with `code`, of either kind `chain` builds (unary or server stream)."""
+    total = 0.0
+    for grpc_type in ("unary", "server_stream"):
+        labels = {"grpc_service": "rnnserve.v1.Inference", "grpc_method": "Step", "grpc_type": grpc_type}
+        total += (
+            metrics.registry.get_sample_value("grpc_server_handled_total", {**labels, "grpc_code": code})
+            or 0.0
+        )
+    return total
 
 
 def logged_codes(caplog: pytest.LogCaptureFixture) -> list[str]:

@@ -251,6 +251,11 @@ class EchoHandlers:
     async def client_stream(self, requests: AsyncIterator[bytes], context: grpc.aio.ServicerContext) -> bytes:
         return b"".join([request async for request in requests])
 
+    async def write_stream(self, request: bytes, context: grpc.aio.ServicerContext) -> None:
+        # A coroutine behind a streaming response writes with context.write (as health's Watch).
+        await context.write(b"1")
+        await context.write(b"2")
+
     def sync_unary(self, request: bytes, context: grpc.ServicerContext) -> bytes:
         if request == b"abort":
             context.abort(grpc.StatusCode.PERMISSION_DENIED, "no")
@@ -274,6 +279,7 @@ class EchoHandlers:
                 "ServerStream": grpc.unary_stream_rpc_method_handler(self.server_stream),
                 "Bidi": grpc.stream_stream_rpc_method_handler(self.bidi),
                 "ClientStream": grpc.stream_unary_rpc_method_handler(self.client_stream),
+                "WriteStream": grpc.unary_stream_rpc_method_handler(self.write_stream),
                 "SyncUnary": grpc.unary_unary_rpc_method_handler(self.sync_unary),
                 "SyncStream": grpc.unary_stream_rpc_method_handler(self.sync_stream),
             },
@@ -289,11 +295,36 @@ async def eventually(check: Any, timeout: float = 5.0) -> None:
         await asyncio.sleep(0.01)
 
 
+GRPC_TYPES = {
+    "Unary": "unary",
+    "ServerStream": "server_stream",
+    "Bidi": "bidi_stream",
+    "ClientStream": "client_stream",
+    "WriteStream": "server_stream",
+    "SyncUnary": "unary",
+    "SyncStream": "server_stream",
+}
+
+
 def test_interceptor_counts_calls_by_method_and_status() -> None:
     metrics = MetricsObserver(process_metrics=False)
 
+    def rpc(method: str) -> dict[str, str]:
+        return {"grpc_service": SERVICE, "grpc_method": method, "grpc_type": GRPC_TYPES[method]}
+
     def handled(method: str, code: str) -> float:
-        return value(metrics, "rnnserve_grpc_requests_total", service=SERVICE, method=method, code=code) or 0
+        return value(metrics, "grpc_server_handled_total", **rpc(method), grpc_code=code) or 0
+
+    def in_flight(method: str) -> float:
+        """Started minus handled, as dashboards built on go-grpc-prometheus compute it."""
+        started = value(metrics, "grpc_server_started_total", **rpc(method)) or 0
+        codes = [code.name for code in grpc.StatusCode]
+        return started - sum(handled(method, code) for code in codes)
+
+    def messages(method: str) -> tuple[float, float]:
+        received = value(metrics, "grpc_server_msg_received_total", **rpc(method)) or 0
+        sent = value(metrics, "grpc_server_msg_sent_total", **rpc(method)) or 0
+        return received, sent
 
     async def scenario() -> None:
         handlers = EchoHandlers()
@@ -325,6 +356,8 @@ def test_interceptor_counts_calls_by_method_and_status() -> None:
                     await channel.stream_unary(f"/{SERVICE}/ClientStream", None, None)(iter([b"a", b"b"]))
                     == b"ab"
                 )
+                written = channel.unary_stream(f"/{SERVICE}/WriteStream", None, None)
+                assert [r async for r in written(b"")] == [b"1", b"2"]
                 sync_unary = channel.unary_unary(f"/{SERVICE}/SyncUnary", None, None)
                 assert await sync_unary(b"sync") == b"sync"
                 for request, code in [
@@ -346,10 +379,7 @@ def test_interceptor_counts_calls_by_method_and_status() -> None:
                 # A call the client cancels, and one whose deadline passes, while the handler waits.
                 call = stream(b"wait")
                 assert await call.read() == b"\0"
-                in_flight = value(
-                    metrics, "rnnserve_grpc_requests_in_flight", service=SERVICE, method="ServerStream"
-                )
-                assert in_flight == 1
+                assert in_flight("ServerStream") == 1
                 call.cancel()
                 await eventually(lambda: handled("ServerStream", "CANCELLED") == 1)
                 with pytest.raises(grpc.aio.AioRpcError) as caught:
@@ -369,17 +399,22 @@ def test_interceptor_counts_calls_by_method_and_status() -> None:
     assert handled("ServerStream", "RESOURCE_EXHAUSTED") == 1
     assert handled("Bidi", "OK") == 1
     assert handled("ClientStream", "OK") == 1
+    assert handled("WriteStream", "OK") == 1
     # Synchronous handlers (rnnserve registers none) pass through the interceptor unwrapped.
     for method in ("SyncUnary", "SyncStream"):
-        started = value(metrics, "rnnserve_grpc_requests_started_total", service=SERVICE, method=method)
-        assert not started, method
-    unknown = {"service": "unknown", "method": "unknown"}
-    assert value(metrics, "rnnserve_grpc_requests_total", code="UNIMPLEMENTED", **unknown) == 1
-    assert value(metrics, "rnnserve_grpc_requests_started_total", service=SERVICE, method="Unary") == 5
-    assert value(metrics, "rnnserve_grpc_request_seconds_count", service=SERVICE, method="Unary") == 5
-    for method in ("Unary", "ServerStream", "Bidi", "ClientStream"):
-        in_flight = value(metrics, "rnnserve_grpc_requests_in_flight", service=SERVICE, method=method)
-        assert in_flight == 0, method
+        assert not value(metrics, "grpc_server_started_total", **rpc(method)), method
+    unknown = {"grpc_service": "unknown", "grpc_method": "unknown", "grpc_type": "unknown"}
+    assert value(metrics, "grpc_server_handled_total", grpc_code="UNIMPLEMENTED", **unknown) == 1
+    assert value(metrics, "grpc_server_started_total", **rpc("Unary")) == 5
+    assert value(metrics, "grpc_server_handling_seconds_count", **rpc("Unary")) == 5
+    for method in ("Unary", "ServerStream", "Bidi", "ClientStream", "WriteStream"):
+        assert in_flight(method) == 0, method
+    # Received: every request the handler took; sent: every response it gave (a unary one on OK).
+    assert messages("Unary") == (5, 1)
+    assert messages("ServerStream") == (3, 3 + 1 + 1)  # 3; 1 before the abort; 1 before the cancel
+    assert messages("Bidi") == (2, 2)
+    assert messages("ClientStream") == (2, 1)
+    assert messages("WriteStream") == (1, 2)
 
 
 # ----- a real rnnserve server --------------------------------------------------------------------
@@ -418,10 +453,13 @@ def test_a_real_servers_metrics_change_as_requests_run(model_repository: Path) -
                     await stream.send([4])
                     during = await asyncio.to_thread(scrape, endpoint.url)
                     assert sample(during, "rnnserve_sessions_active", model="tiny-lstm", version="1") == 1
-                    in_flight = sample(
-                        during, "rnnserve_grpc_requests_in_flight", service=inference, method="Stream"
-                    )
-                    assert in_flight == 1
+                    stream_labels = {
+                        "grpc_service": inference,
+                        "grpc_method": "Stream",
+                        "grpc_type": "bidi_stream",
+                    }
+                    assert sample(during, "grpc_server_started_total", **stream_labels) == 1
+                    assert sample(during, "grpc_server_handled_total", grpc_code="OK", **stream_labels) == 0
                     await stream.end()  # CONTROL_END closes the session
                 with pytest.raises(grpc.aio.AioRpcError):
                     await client.step("0" * 32, [1])  # an unknown session: NOT_FOUND
@@ -429,8 +467,8 @@ def test_a_real_servers_metrics_change_as_requests_run(model_repository: Path) -
             # A call is counted when its handler returns, which may be just after the client's last read.
             for _ in range(250):
                 after = await asyncio.to_thread(scrape, endpoint.url)
-                labels = {"service": inference, "method": "Stream", "code": "OK"}
-                if sample(after, "rnnserve_grpc_requests_total", **labels):
+                labels = {"grpc_service": inference, "grpc_method": "Stream", "grpc_type": "bidi_stream"}
+                if sample(after, "grpc_server_handled_total", grpc_code="OK", **labels):
                     return after
                 await asyncio.sleep(0.02)
             raise AssertionError("the Stream call was never counted")
@@ -439,11 +477,14 @@ def test_a_real_servers_metrics_change_as_requests_run(model_repository: Path) -
             await server.stop(0)
 
     after = asyncio.run(scenario())
-    assert sample(after, "rnnserve_grpc_requests_total", service=inference, method="Stream", code="OK") == 1
-    assert (
-        sample(after, "rnnserve_grpc_requests_total", service=inference, method="Step", code="NOT_FOUND") == 1
-    )
-    assert sample(after, "rnnserve_grpc_requests_total", service=inference, method="Generate", code="OK") == 1
+
+    def handled(method: str, grpc_type: str, code: str) -> float:
+        labels = {"grpc_service": inference, "grpc_method": method, "grpc_type": grpc_type, "grpc_code": code}
+        return sample(after, "grpc_server_handled_total", **labels)
+
+    assert handled("Stream", "bidi_stream", "OK") == 1
+    assert handled("Step", "unary", "NOT_FOUND") == 1
+    assert handled("Generate", "server_stream", "OK") == 1
     assert sample(after, "rnnserve_tokens_in_total", model="tiny-lstm") == 4
     assert sample(after, "rnnserve_tokens_in_total", model="tiny-gru") >= 2
     assert sample(after, "rnnserve_tokens_out_total", model="tiny-gru") == 5

@@ -56,10 +56,15 @@ def test_metrics_change_as_requests_run(ops_server: OpsServer) -> None:
                 during = await asyncio.to_thread(server.scrape)
                 assert sample(during, "rnnserve_sessions_active", model="tiny-lstm", version="1") == 1
                 assert sample(during, "rnnserve_sessions_open") == 1
-                assert (
-                    sample(during, "rnnserve_grpc_requests_in_flight", service=INFERENCE, method="Stream")
-                    == 1
-                )
+                stream_labels = {
+                    "grpc_service": INFERENCE,
+                    "grpc_method": "Stream",
+                    "grpc_type": "bidi_stream",
+                }
+                assert sample(during, "grpc_server_started_total", **stream_labels) == 1
+                # The open and two chunks; the opened event and two predictions.
+                assert sample(during, "grpc_server_msg_received_total", **stream_labels) == 3
+                assert sample(during, "grpc_server_msg_sent_total", **stream_labels) == 3
                 assert ("rnnserve_queue_depth", (("model", "tiny-lstm"), ("version", "1"))) in during
                 await stream.end()
             with pytest.raises(grpc.aio.AioRpcError):
@@ -79,11 +84,19 @@ def test_metrics_change_as_requests_run(ops_server: OpsServer) -> None:
         "the idle sessions to expire",
     )
     after = server.scrape()
-    requests = "rnnserve_grpc_requests_total"
-    assert sample(after, requests, service=INFERENCE, method="Stream", code="OK") == 1
-    assert sample(after, requests, service=INFERENCE, method="Step", code="NOT_FOUND") == 1
-    assert sample(after, requests, service=INFERENCE, method="Generate", code="OK") == 1
-    assert sample(after, requests, service=INFERENCE, method="CreateSession", code="OK") == 3
+    handled = "grpc_server_handled_total"
+    labels = {"grpc_service": INFERENCE}
+    assert (
+        sample(after, handled, **labels, grpc_method="Stream", grpc_type="bidi_stream", grpc_code="OK") == 1
+    )
+    assert sample(after, handled, **labels, grpc_method="Step", grpc_type="unary", grpc_code="NOT_FOUND") == 1
+    assert (
+        sample(after, handled, **labels, grpc_method="Generate", grpc_type="server_stream", grpc_code="OK")
+        == 1
+    )
+    assert (
+        sample(after, handled, **labels, grpc_method="CreateSession", grpc_type="unary", grpc_code="OK") == 3
+    )
     assert sample(after, "rnnserve_tokens_in_total", model="tiny-lstm") == 4
     assert sample(after, "rnnserve_tokens_out_total", model="tiny-gru") == 5
     assert sample(after, "rnnserve_sessions_ended_total", model="tiny-gru", reason="evicted") == 1

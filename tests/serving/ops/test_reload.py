@@ -107,10 +107,11 @@ def test_a_version_exported_while_sessions_stream(
     assert (
         sample(
             metrics,
-            "rnnserve_grpc_requests_total",
-            service="rnnserve.v1.Inference",
-            method="Stream",
-            code="OK",
+            "grpc_server_handled_total",
+            grpc_service="rnnserve.v1.Inference",
+            grpc_method="Stream",
+            grpc_type="bidi_stream",
+            grpc_code="OK",
         )
         == 3
     )

@@ -19,7 +19,7 @@ import redis
 
 from contract.session_id import SESSION_ID_KEY, new_session_id
 from protos.rnnserve.v1 import inference_pb2 as pb
-from serving.clients.client import RnnserveClient
+from serving.clients.client import RnnserveClient, error_info
 from serving.state.records import SessionRecord, decode_record
 from serving.state.redis_store import RedisStateStore, RedisStoreOptions
 from tests.support.models import ALPHABET, Oracle, export_tiny_model
@@ -198,6 +198,12 @@ def test_another_replica_restores_a_session_only_for_its_owner(
     run(scenario())
 
 
+def reason(error: grpc.aio.AioRpcError) -> str:
+    info = error_info(error)
+    assert info is not None, f"{error.code().name} without an ErrorInfo"
+    return info.reason
+
+
 def test_a_session_is_restored_only_onto_the_same_model_version(
     replica: Callable[..., ServerThread], tmp_path: Path, oracle: Oracle
 ) -> None:
@@ -215,10 +221,12 @@ def test_a_session_is_restored_only_onto_the_same_model_version(
             error = await rpc_error(client.step(session.session_id, [1]))
             assert error.code() == grpc.StatusCode.NOT_FOUND
             assert "sha256" in (error.details() or "")
+            assert reason(error) == "SESSION_NOT_RESTORABLE"
         async with RnnserveClient(replica(gru_only).target) as client:
             error = await rpc_error(client.step(session.session_id, [1]))
             assert error.code() == grpc.StatusCode.NOT_FOUND
             assert f"model {MODEL!r} version 1, which this replica does not serve" in (error.details() or "")
+            assert reason(error) == "SESSION_NOT_RESTORABLE"
 
     run(scenario())
 
@@ -307,7 +315,8 @@ def test_a_client_proposes_the_ids_of_the_sessions_it_opens(
                     pb.CreateSessionRequest(model=MODEL), metadata=((SESSION_ID_KEY, proposed),)
                 )
             )
-            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT, "an open session's id is taken"
+            assert error.code() == grpc.StatusCode.ALREADY_EXISTS, "an open session's id is taken"
+            assert reason(error) == "SESSION_ID_IN_USE"
             error = await rpc_error(
                 client.stub.Step(
                     pb.StepRequest(session_id=proposed, tokens=[1]),
@@ -323,8 +332,9 @@ def test_a_client_proposes_the_ids_of_the_sessions_it_opens(
                     pb.CreateSessionRequest(model=MODEL), metadata=((SESSION_ID_KEY, proposed),)
                 )
             )
-            assert error.code() == grpc.StatusCode.INVALID_ARGUMENT
+            assert error.code() == grpc.StatusCode.ALREADY_EXISTS
             assert "taken by another session" in (error.details() or "")
+            assert reason(error) == "SESSION_ID_IN_USE"
         assert second.on_loop(len, second.runtime.sessions) == 0
 
     run(scenario())

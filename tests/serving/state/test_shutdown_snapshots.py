@@ -50,7 +50,8 @@ class Load:
         self._thread.start()
 
     async def _run(self) -> None:
-        async with RnnserveClient(self.target, timeout=20) as connection:
+        # resume=None: the load records how its streams end, rather than waiting for a restart.
+        async with RnnserveClient(self.target, timeout=20, resume=None) as connection:
             await asyncio.gather(
                 *(self._drive(connection, client, i) for i, client in enumerate(self.clients))
             )
@@ -269,7 +270,7 @@ def test_shutdown_keeps_the_sessions_of_streams_it_cuts_with_close_on_disconnect
 
     async def stop_while_streaming() -> str:
         async with RnnserveClient(server.target) as client:
-            stream = client.stream("tiny-gru")
+            stream = client.stream("tiny-gru", resume=None)
             await stream.__aenter__()
             await stream.send([1, 2])
             await asyncio.to_thread(server.stop, 0.2)
