@@ -333,9 +333,13 @@ def test_scale_profile_wires_nginx_to_the_replicas_and_redis(services: dict[str,
     assert "redis" in replica["depends_on"]
 
     conf = NGINX_CONF.read_text()
-    assert upstream_servers(conf) == [("replica", settings.port, ["resolve"])]
-    (listen,) = nginx_values(conf, "listen")
-    assert [port for _, port in published_ports(services["nginx"])] == [int(listen[0])]
+    http_port = setting(settings, environment, "http_port")
+    assert upstream_servers(conf) == [
+        ("replica", settings.port, ["resolve"]),
+        ("replica", http_port, ["resolve"]),
+    ]
+    listens = [int(listen[0]) for listen in nginx_values(conf, "listen")]
+    assert [port for _, port in published_ports(services["nginx"])] == listens == [settings.port, http_port]
     # Docker's embedded DNS server, re-asked often enough to see replicas come and go.
     (resolver,) = nginx_values(conf, "resolver")
     assert resolver[0] == "127.0.0.11" and "valid=10s" in resolver
