@@ -13,25 +13,21 @@ from __future__ import annotations
 
 import errno
 import os
-import re
 import shutil
 import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
+from contract.model_name import MODEL_NAME_RULE, valid_model_name
 from export.errors import RepositoryError, VersionExistsError
 
-NAME_PATTERN = re.compile(r"[A-Za-z0-9][A-Za-z0-9._-]*")
 STAGING_PREFIX = ".tmp-"
 
 
 def check_name(name: str) -> str:
-    if not NAME_PATTERN.fullmatch(name):
-        raise RepositoryError(
-            f"invalid model name {name!r}: use letters, digits, '.', '_' and '-', starting with a "
-            "letter or digit"
-        )
+    if not valid_model_name(name):
+        raise RepositoryError(f"invalid model name {name[:200]!r}: a model name is {MODEL_NAME_RULE}")
     return name
 
 

@@ -27,6 +27,13 @@ SESSION_OVERFLOW = ("evict", "refuse")
 LOG_LEVELS = ("DEBUG", "INFO", "WARNING", "ERROR")
 LOG_FORMATS = ("text", "json")
 REDIS_SCHEMES = ("redis://", "rediss://", "unix://")
+# A legal token id is below its vocabulary's size; ids below 2**35 take at most 5 varint bytes.
+TOKEN_ID_VARINT_BYTES = 5
+# Every field of a request but its token lists: a model name (128 characters), a session id,
+# sampling and prediction options, field tags and lengths. Measured: those fields of the largest
+# GenerateRequest take 213 bytes, and the two token lists' tags and lengths 12 more; the rest is
+# headroom for fields a later protocol version adds.
+FIXED_REQUEST_BYTES = 4096
 
 
 class SettingsError(ValueError):
@@ -116,8 +123,27 @@ class ServerSettings:
             "arriving meanwhile is answered with INVALID_ARGUMENT)"
         ),
     )
+    stream_idle_timeout_s: float = field(
+        default=300.0,
+        metadata=_about(
+            "a Stream that sends nothing for this long is ended with DEADLINE_EXCEEDED; its "
+            "session stays open (resume it on a new stream); 0: no limit"
+        ),
+    )
+    max_health_watches_per_peer: int = field(
+        default=32,
+        metadata=_about(
+            "most open grpc.health.v1 Watch streams from one client address; more are refused "
+            "with RESOURCE_EXHAUSTED (health needs no token, so this bounds what anyone can hold)"
+        ),
+    )
     max_message_bytes: int = field(
-        default=4 * 1024 * 1024, metadata=_about("largest request message accepted, in bytes")
+        default=0,
+        metadata=_about(
+            "largest request message gRPC decodes, in bytes; larger ones are refused with "
+            "RESOURCE_EXHAUSTED before decoding; 0: the largest legal request under "
+            "--max-tokens-per-request (see ServerSettings.receive_message_bytes)"
+        ),
     )
     max_tokens_per_request: int = field(
         default=32_768, metadata=_about("most tokens in one chunk, Step or prompt")
@@ -148,7 +174,11 @@ class ServerSettings:
         default=9400, metadata=_about("port of the Prometheus /metrics HTTP endpoint; 0 disables it")
     )
     metrics_host: str = field(
-        default="", metadata=_about("address of the /metrics endpoint; empty means the same as --host")
+        default="",
+        metadata=_about(
+            "address of the /metrics endpoint; empty: --host when the server has TLS or tokens "
+            "(then /metrics has them too: HTTPS, 'Authorization: Bearer TOKEN'), else 127.0.0.1"
+        ),
     )
     http_port: int = field(
         default=8000,
@@ -256,8 +286,8 @@ class ServerSettings:
             "prompt_piece_tokens",
             "max_queue_steps",
             "max_sessions",
-            "max_message_bytes",
             "max_tokens_per_request",
+            "max_health_watches_per_peer",
             "max_new_tokens",
             "generate_buffer_tokens",
         )
@@ -267,6 +297,7 @@ class ServerSettings:
         non_negative = (
             "max_queue_delay_ms",
             "stream_end_linger_s",
+            "stream_idle_timeout_s",
             "grace_period_s",
             "reload_interval_s",
             "snapshot_interval_s",
@@ -280,7 +311,13 @@ class ServerSettings:
             problems.append(f"--redis-timeout-s must be a finite number > 0, got {self.redis_timeout_s}")
         if not math.isfinite(self.session_idle_timeout_s) or self.session_idle_timeout_s <= 0:
             problems.append(f"--session-idle-timeout-s must be > 0, got {self.session_idle_timeout_s}")
-        for name in ("gone_session_memory", "max_sessions_per_token", "state_save_every_steps"):
+        non_negative_ints = (
+            "gone_session_memory",
+            "max_sessions_per_token",
+            "state_save_every_steps",
+            "max_message_bytes",
+        )
+        for name in non_negative_ints:
             if getattr(self, name) < 0:
                 problems.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
         for name in ("port", "metrics_port", "health_port", "http_port"):
@@ -317,6 +354,25 @@ class ServerSettings:
             raise SettingsError("; ".join(problems))
 
     @property
+    def receive_message_bytes(self) -> int:
+        """The gRPC receive limit: --max-message-bytes, or when 0 the largest legal request.
+
+        The largest legal request is a GenerateRequest whose prompt_tokens and stop_tokens both
+        hold --max-tokens-per-request token ids, each of at most TOKEN_ID_VARINT_BYTES bytes:
+
+            2 * max_tokens_per_request * TOKEN_ID_VARINT_BYTES + FIXED_REQUEST_BYTES
+
+        (a prompt_text is refused beyond max_tokens_per_request characters, at most 4 UTF-8
+        bytes each, so it is never larger than prompt_tokens; FIXED_REQUEST_BYTES covers every
+        other field). Anything larger is refused by gRPC before it is decoded: under the old
+        fixed 4 MiB limit a refused Step decoded 4 million token ids (about 32 MiB) first.
+        Default limits: 2 * 32,768 * 5 + 4,096 = 331,776 bytes.
+        """
+        if self.max_message_bytes:
+            return self.max_message_bytes
+        return 2 * self.max_tokens_per_request * TOKEN_ID_VARINT_BYTES + FIXED_REQUEST_BYTES
+
+    @property
     def max_queue_delay_s(self) -> float:
         return self.max_queue_delay_ms / 1000.0
 
@@ -339,8 +395,11 @@ class ServerSettings:
 
     @property
     def metrics_bind_host(self) -> str:
-        """Where /metrics listens: --metrics-host, else --host."""
-        return self.metrics_host or self.host
+        """Where /metrics listens: --metrics-host; else --host when TLS or tokens protect the
+        endpoint, and loopback when nothing does (an unprotected /metrics stays on the machine)."""
+        if self.metrics_host:
+            return self.metrics_host
+        return self.host if self.tls or self.auth else "127.0.0.1"
 
     @property
     def tls(self) -> bool:

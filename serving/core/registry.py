@@ -19,11 +19,12 @@ from dataclasses import dataclass
 
 import numpy as np
 
+from contract.model_name import MODEL_NAME_RULE, valid_model_name
 from contract.ort_errors import ORT_ERRORS
 from contract.tokenizer import Tokenizer
 from serving.core.batcher import Batcher, BatchingOptions
 from serving.core.engine import Engine, EngineError, EngineOptions, load_engine
-from serving.core.errors import NotFoundError, Reason
+from serving.core.errors import NotFoundError, Reason, shown
 from serving.core.observers import ServerObserver
 from serving.core.repository import (
     ModelManifest,
@@ -214,8 +215,10 @@ class ModelRegistry:
         return next((m for m in self.versions(name) if not m.retired), None)
 
     def _missing_model(self, name: str) -> NotFoundError:
+        """NOT_FOUND for a name this registry does not serve, whatever its length (echoed cut)."""
+        rule = "" if valid_model_name(name) else f" (model names are {MODEL_NAME_RULE})"
         return NotFoundError(
-            f"model {name!r} is not served; models: {self.names() or 'none'}",
+            f"model {shown(name)} is not served{rule}; models: {self.names() or 'none'}",
             Reason.MODEL_NOT_FOUND,
             model=name,
         )

@@ -26,6 +26,7 @@ from onnx import TensorProto
 from contract import signature as sig
 from contract.hashing import sha256_file
 from contract.model_config import ARCHITECTURES, PRECISIONS, config_metadata
+from contract.model_name import MODEL_NAME_RULE, valid_model_name
 from contract.tokenizer import Tokenizer, TokenizerError, tokenizer_from_dict
 
 log = logging.getLogger(__name__)
@@ -129,6 +130,8 @@ def _require(config: Mapping[str, Any], key: str, kind: type, where: Path) -> An
 def read_manifest(version_dir: Path) -> ModelManifest:
     """Validate one version directory's layout and config.json (not model.onnx's contents)."""
     name = version_dir.parent.name
+    if not valid_model_name(name):
+        raise RepositoryError(f"{version_dir.parent}: model names are {MODEL_NAME_RULE}")
     digits = version_dir.name
     if not digits.isdigit() or int(digits) < 1 or digits != str(int(digits)):
         raise RepositoryError(

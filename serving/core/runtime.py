@@ -35,12 +35,12 @@ from serving.core.batcher import (
     Work,
 )
 from serving.core.errors import (
-    AlreadyExistsError,
     InvalidArgumentError,
     Reason,
     ResourceExhaustedError,
     SessionNotFoundError,
     UnavailableError,
+    shown,
 )
 from serving.core.registry import LoadedModel, ModelRegistry
 from serving.core.sampling import Sampler, SamplingParams
@@ -288,13 +288,8 @@ class Runtime:
                 "a model name is needed to open a session (see ListModels)", Reason.MALFORMED_REQUEST
             )
         model = self.registry.resolve(model_name, version)
-        try:
-            return self.sessions.create(model, owner, session_id)
-        except ValueError:
-            raise AlreadyExistsError(
-                f"session id {session_id} is already open; propose a fresh id or let the server choose one",
-                sessionId=session_id,
-            ) from None
+        # SessionIdInUseError (ALREADY_EXISTS) for an open or reserved proposed id, whoever holds it.
+        return self.sessions.create(model, owner, session_id)
 
     async def find_session(self, session_id: str, owner: str | None = None) -> Session:
         """The open session with this id and owner; with Redis, one this replica does not hold
@@ -395,7 +390,7 @@ class Runtime:
             if params.model and params.model != model.name:
                 raise InvalidArgumentError(
                     f"session {session.id} is on model {model.name!r}, "
-                    f"not {params.model!r}; leave model empty to continue it",
+                    f"not {shown(params.model)}; leave model empty to continue it",
                     Reason.SESSION_MODEL_MISMATCH,
                     sessionId=session.id,
                     model=model.name,
@@ -472,7 +467,7 @@ class Runtime:
             work.finish(error)
             if opened and not session.closed:
                 # The caller never learns the id of a kept session whose Generate failed here.
-                self.sessions.close(session)
+                self.sessions.withdraw(session)
             raise
         return Generation(session, work, self._decoder(model))
 

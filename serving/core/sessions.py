@@ -7,6 +7,15 @@ recently used idle session or is refused, as configured. The ids of sessions tha
 evicted or were closed are remembered (a bounded number), so a late request for one is told what
 happened instead of just "not found".
 
+With authentication each session has an owner, and one rule holds for other identities'
+sessions: every answer is exactly the one for an id that never existed. A request on another
+identity's open, closed, expired or evicted session is told "not found" in the words used for an
+unknown id (nothing says "closed" or "expired" to anyone but the owner). A closed, expired or
+evicted id stays reserved for its owner for the idle timeout (while it is remembered): only the
+owner may propose it again. A proposed id that is open, or reserved for someone else, gets one
+answer whoever holds it (`SessionIdInUseError`): an id names one session at a time, since load
+balancers route and Redis stores sessions by id alone.
+
 One session never has two requests in flight: `acquire` / `release` serialise them (a Stream
 chunk, a Step and a Generate on the same session take turns). A session in use is never expired
 or evicted. All methods run on the event loop thread.
@@ -26,7 +35,13 @@ from collections.abc import Callable, Iterator
 from dataclasses import dataclass, field
 
 from contract.session_id import is_session_id, new_session_id
-from serving.core.errors import Reason, ResourceExhaustedError, SessionNotFoundError, UnavailableError
+from serving.core.errors import (
+    AlreadyExistsError,
+    Reason,
+    ResourceExhaustedError,
+    SessionNotFoundError,
+    UnavailableError,
+)
 from serving.core.observers import ServerObserver
 from serving.core.registry import LoadedModel, ModelRegistry
 from serving.core.state_pool import PoolFullError
@@ -57,6 +72,28 @@ class Session:
         return self.lock.locked()
 
 
+@dataclass(frozen=True, slots=True)
+class GoneSession:
+    """What is remembered of a session that ended: for its owner's late requests and reservation."""
+
+    owner: str | None
+    reason: Reason  # SESSION_CLOSED, SESSION_EXPIRED or SESSION_EVICTED
+    message: str  # why it is gone, told to its owner only
+    ended_at: float  # monotonic seconds
+
+
+class SessionIdInUseError(AlreadyExistsError):
+    """A proposed id names an open session, or one reserved for another identity: ALREADY_EXISTS
+    with reason SESSION_ID_IN_USE, in the same words whoever holds the id."""
+
+    def __init__(self, session_id: str) -> None:
+        super().__init__(
+            f"session id {session_id} is in use; propose a fresh id or let the server choose one",
+            Reason.SESSION_ID_IN_USE,
+            sessionId=session_id,
+        )
+
+
 @dataclass(frozen=True)
 class SessionLimits:
     max_sessions: int = 100_000
@@ -82,7 +119,7 @@ class SessionManager:
         self.clock = clock
         # Least recently used first: lookups move a session to the end.
         self._sessions: OrderedDict[str, Session] = OrderedDict()
-        self._gone: OrderedDict[str, tuple[Reason, str]] = OrderedDict()  # id -> why it is gone
+        self._gone: OrderedDict[str, GoneSession] = OrderedDict()
         self._owned: dict[str, int] = {}  # owner -> open sessions
         self.frozen = False
         # Called as a session ends (closed, expired, evicted), before its slot is released, so
@@ -101,10 +138,10 @@ class SessionManager:
         an id the client proposed (serving.frontend.affinity); None makes a fresh one.
 
         Raises ResourceExhaustedError at the session limit when nothing can be evicted, and at the
-        owner's limit; ValueError when `session_id` is already open.
+        owner's limit; SessionIdInUseError when `session_id` is open or reserved for another owner.
         """
-        if session_id is not None and session_id in self._sessions:
-            raise ValueError(f"session {session_id} is already open")
+        if session_id is not None:
+            self.check_free(session_id, owner)
         limit = self.limits.max_per_owner
         if owner is not None and limit and self._owned.get(owner, 0) >= limit:
             raise ResourceExhaustedError(
@@ -134,6 +171,18 @@ class SessionManager:
         self.observer.session_opened(model.name, model.version)
         return session
 
+    def check_free(self, session_id: str, owner: str | None) -> None:
+        """Raise SessionIdInUseError unless `owner` may open a session under `session_id`: it is not
+        open, and not the id of another owner's session that ended less than the idle timeout ago.
+        """
+        gone = self._gone.get(session_id)
+        if session_id in self._sessions or (
+            gone is not None
+            and gone.owner != owner
+            and self.clock() - gone.ended_at < self.limits.idle_timeout_s
+        ):
+            raise SessionIdInUseError(session_id)
+
     def _make_room(self) -> None:
         limit = self.limits.max_sessions
         if self.limits.overflow == "refuse":
@@ -161,11 +210,11 @@ class SessionManager:
         """The open session with this id (and owner); raises SessionNotFoundError saying why not."""
         session = self._sessions.get(session_id)
         if session is None or session.owner != owner:
-            raise self._missing(session_id) if session is None else self._unknown(session_id)
+            raise self._why_missing(session_id, owner)
         now = self.clock()
         if not session.busy and now - session.last_used > self.limits.idle_timeout_s:
             self._expire(session)
-            raise self._missing(session_id)
+            raise self._why_missing(session_id, owner)
         session.last_used = now
         self._sessions.move_to_end(session_id)
         return session
@@ -179,13 +228,13 @@ class SessionManager:
             )
         return SessionNotFoundError(f"session {shown!r} not found", sessionId=session_id)
 
-    def _missing(self, session_id: str) -> SessionNotFoundError:
-        """The error for an id with no open session: why it is gone, when that is remembered."""
+    def _why_missing(self, session_id: str, owner: str | None) -> SessionNotFoundError:
+        """Why `owner` finds no session under this id: how it ended (with that reason) if it was
+        the owner's, else the answer for an id that never existed."""
         gone = self._gone.get(session_id)
-        if gone is None:
-            return self._unknown(session_id)
-        reason, message = gone
-        return SessionNotFoundError(message, reason, sessionId=session_id)
+        if gone is not None and gone.owner == owner:
+            return SessionNotFoundError(gone.message, gone.reason, sessionId=session_id)
+        return self._unknown(session_id)
 
     async def acquire(self, session: Session) -> None:
         """Wait until no other request uses the session, then hold it. Raises SessionNotFoundError
@@ -193,7 +242,7 @@ class SessionManager:
         await session.lock.acquire()
         if session.closed:
             session.lock.release()
-            raise self._missing(session.id)
+            raise self._why_missing(session.id, session.owner)
         if self.frozen:
             session.lock.release()
             raise UnavailableError(
@@ -240,6 +289,11 @@ class SessionManager:
         """End a session now (CloseSession, CONTROL_END, an ephemeral Generate's end)."""
         self._end(session, "closed", f"session {session.id} was closed")
 
+    def withdraw(self, session: Session) -> None:
+        """End a session whose opening failed (no caller learned of it): closed, and its id is
+        not remembered, so it is neither explained nor reserved afterwards."""
+        self._end(session, "closed", "", remember=False)
+
     def expire_idle(self) -> int:
         """Expire every idle session past the timeout; returns how many expired."""
         cutoff = self.clock() - self.limits.idle_timeout_s
@@ -261,13 +315,13 @@ class SessionManager:
             f"requests; open a new session",
         )
 
-    def _end(self, session: Session, reason: str, message: str) -> None:
+    def _end(self, session: Session, reason: str, message: str, remember: bool = True) -> None:
         if session.closed:
             return
         session.closed = True
         del self._sessions[session.id]
-        if self.limits.gone_memory > 0:
-            self._gone[session.id] = (_GONE_REASONS[reason], message)
+        if remember and self.limits.gone_memory > 0:
+            self._gone[session.id] = GoneSession(session.owner, _GONE_REASONS[reason], message, self.clock())
             while len(self._gone) > self.limits.gone_memory:
                 self._gone.popitem(last=False)
         if session.owner is not None:

@@ -4,9 +4,11 @@ A thin servicer: the messages come from the protobuf modules that `tritonclient`
 rule (sequences, inputs, outputs, model descriptions) is in serving.frontend.kserve_common. It is
 registered on the same grpc.aio server and port as rnnserve.v1, so Triton's clients and tools
 (tritonclient.grpc, perf_analyzer) reach the same sessions. Errors answer the status of
-serving.core.errors (`abort`: the code, the message and an ErrorInfo with the reason, as
-rnnserve.v1 does); inside ModelStreamInfer a failed request answers an `error_message`
-("CODE REASON: message") and the stream goes on, as in Triton.
+serving.core.errors (`refuse`: the code, the message and an ErrorInfo with the reason, set
+without raising, as rnnserve.v1 does); inside ModelStreamInfer a failed request answers an
+`error_message` ("CODE REASON: message") and the stream goes on, as in Triton. A stream that
+sends nothing for --stream-idle-timeout-s ends with DEADLINE_EXCEEDED (reason STREAM_IDLE), as
+rnnserve.v1's Stream does; its sequences stay open.
 
 ModelStreamInfer runs the requests of different sequences concurrently (they batch together)
 and those of one sequence in order; answers carry the request's `id`, and may arrive in another
@@ -26,7 +28,14 @@ import numpy as np
 from google.protobuf import json_format
 from tritonclient.grpc import model_config_pb2, service_pb2
 
-from serving.core.errors import InvalidArgumentError, Reason, ServingError, abort, status_code
+from serving.core.errors import (
+    InvalidArgumentError,
+    Reason,
+    ServingError,
+    StreamIdleError,
+    refuse,
+    status_code,
+)
 from serving.frontend.kserve_common import (
     NUMPY_TYPES,
     SERVER_EXTENSIONS,
@@ -40,7 +49,7 @@ from serving.frontend.kserve_common import (
     element_count,
     sequence_of,
 )
-from serving.frontend.servicer import Identity, MalformedRequest, no_identity, request_parser
+from serving.frontend.servicer import Identity, IdleDeadline, MalformedRequest, no_identity, request_parser
 
 log = logging.getLogger(__name__)
 
@@ -219,7 +228,8 @@ class KServeServicer:
             _check_parsed(request)
             ready = self.frontend.model_ready(request.name, request.version)
         except ServingError as error:
-            await abort(context, error)
+            refuse(context, error)
+            return None
         return service_pb2.ModelReadyResponse(ready=ready)
 
     async def ModelMetadata(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
@@ -227,7 +237,8 @@ class KServeServicer:
             _check_parsed(request)
             metadata = self.frontend.metadata(request.name, request.version)
         except ServingError as error:
-            await abort(context, error)
+            refuse(context, error)
+            return None
         return json_format.ParseDict(metadata, service_pb2.ModelMetadataResponse())
 
     async def ModelConfig(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
@@ -235,14 +246,16 @@ class KServeServicer:
             _check_parsed(request)
             config = self.frontend.config(request.name, request.version)
         except ServingError as error:
-            await abort(context, error)
+            refuse(context, error)
+            return None
         return service_pb2.ModelConfigResponse(
             config=json_format.ParseDict(config, model_config_pb2.ModelConfig())
         )
 
     async def RepositoryIndex(self, request: Any, context: grpc.aio.ServicerContext) -> Any:  # noqa: N802
         if type(request) is MalformedRequest:
-            await abort(context, request.error())
+            refuse(context, request.error())
+            return None
         models = self.frontend.repository_index()
         if request.ready:
             models = [model for model in models if model["state"] == "READY"]
@@ -255,7 +268,8 @@ class KServeServicer:
             _check_parsed(request)
             entries = self.frontend.model_statistics(request.name, request.version)
         except ServingError as error:
-            await abort(context, error)
+            refuse(context, error)
+            return None
         duration = service_pb2.StatisticDuration
         return service_pb2.ModelStatisticsResponse(
             model_stats=[
@@ -279,7 +293,8 @@ class KServeServicer:
             _check_parsed(request)
             answer = await self.frontend.infer(infer_call(request), self.identity(context))
         except ServingError as error:
-            await abort(context, error)
+            refuse(context, error)
+            return None
         return infer_response(answer)
 
     async def ModelStreamInfer(  # noqa: N802
@@ -322,9 +337,25 @@ class KServeServicer:
                 del tails[key]
 
         loop = asyncio.get_running_loop()
+        idle = IdleDeadline(self.frontend.runtime.settings.stream_idle_timeout_s)
         try:
             while True:
-                request = await context.read()
+                idle.start()
+                try:
+                    request = await context.read()
+                except asyncio.CancelledError:
+                    if not idle.expired():
+                        raise
+                    refuse(
+                        context,
+                        StreamIdleError(
+                            f"the stream sent nothing for {idle.timeout_s:g} s (--stream-idle-timeout-s); "
+                            f"its sequences stay open: continue them on a new stream"
+                        ),
+                    )
+                    return
+                finally:
+                    idle.stop()
                 if request is grpc.aio.EOF:  # type: ignore[attr-defined]  # grpc-stubs lacks EOF
                     break
                 key = self._sequence_key(request)

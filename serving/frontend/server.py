@@ -59,7 +59,14 @@ from serving.frontend.standard_services import (
     add_health_servicer,
     enable_reflection,
 )
-from serving.ops.auth import AuthInterceptor, SecurityConfigError, TokenTable, load_tokens, server_credentials
+from serving.ops.auth import (
+    AuthInterceptor,
+    SecurityConfigError,
+    TokenTable,
+    load_tokens,
+    metrics_tls_context,
+    server_credentials,
+)
 from serving.ops.logs import CallTracker, configure_logging
 from serving.ops.metrics import MetricsBindError, MetricsObserver, MetricsServer, start_metrics_server
 from serving.ops.reload import RepositoryWatcher
@@ -219,7 +226,7 @@ async def _finished(task: asyncio.Task[None]) -> None:
 
 def server_options(settings: ServerSettings) -> list[tuple[str, int]]:
     return [
-        ("grpc.max_receive_message_length", settings.max_message_bytes),
+        ("grpc.max_receive_message_length", settings.receive_message_bytes),
         ("grpc.max_send_message_length", -1),
         # Two servers on one port would split traffic silently; fail to bind instead.
         ("grpc.so_reuseport", 0),
@@ -260,7 +267,7 @@ async def create_server(
     calls = CallTracker(settings.log_requests)
     grpc_server = grpc.aio.server(options=server_options(settings), interceptors=[calls, *interceptors])
     add_inference_servicer(InferenceServicer(runtime, identity), grpc_server)
-    health_servicer = HealthServicer()
+    health_servicer = HealthServicer(settings.max_health_watches_per_peer)
     add_health_servicer(health_servicer, grpc_server)
     enable_reflection((INFERENCE_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME), grpc_server)
     server = RnnserveServer(settings, runtime, grpc_server, health_servicer, calls)
@@ -321,7 +328,11 @@ async def build_server(
         register_runtime_metrics(metrics.registry, server.runtime)
         try:
             server.metrics_endpoint = start_metrics_server(
-                metrics.registry, settings.metrics_bind_host, port_for_metrics
+                metrics.registry,
+                settings.metrics_bind_host,
+                port_for_metrics,
+                tls=metrics_tls_context(settings),
+                accepts_token=None if tokens is None else lambda token: tokens.identify(token) is not None,
             )
         except MetricsBindError as error:
             raise BindError(str(error)) from None
@@ -390,6 +401,7 @@ def main(argv: Sequence[str] | None = None) -> int:
     try:
         load_tokens(settings)  # checked before the (slow) model loading
         server_credentials(settings)
+        metrics_tls_context(settings)
         providers = resolve_providers(settings.device)  # fails here when CUDA is asked for and absent
         log.info("onnxruntime providers for --device %s: %s", settings.device, providers)
         metrics = MetricsObserver()

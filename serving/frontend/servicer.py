@@ -1,7 +1,8 @@
 """The gRPC servicer of rnnserve.v1.Inference: protobuf in, a Runtime call, protobuf out.
 
-Every handler turns a ServingError into its status with `errors.abort`: the code, the error's
-message and an ErrorInfo with its reason; nothing else is decided here. `identity(context)`
+Every handler turns a ServingError into its status with `errors.refuse`: the code, the error's
+message and an ErrorInfo with its reason, set without raising (so a refused request is freed at
+once), after which the handler returns; nothing else is decided here. `identity(context)`
 names the caller for session ownership (None while auth is off; the auth layer supplies its own
 function).
 
@@ -31,9 +32,10 @@ from serving.core.errors import (
     Reason,
     ServingError,
     SessionNotFoundError,
+    StreamIdleError,
     StreamOrderError,
     UnavailableError,
-    abort,
+    refuse,
 )
 from serving.core.registry import LoadedModel
 from serving.core.runtime import GenerateParams, Runtime
@@ -145,6 +147,43 @@ def version_message(model: LoadedModel) -> pb.ModelVersion:
     )
 
 
+class IdleDeadline:
+    """Cancels the running task when one wait lasts longer than `timeout_s` (0: never).
+
+    A Stream arms it around each read of the next request. A timer per read costs about 3 us;
+    asyncio.wait_for, which runs each read in a task of its own, cost 23 us more per message.
+    """
+
+    def __init__(self, timeout_s: float) -> None:
+        self.timeout_s = timeout_s
+        self._task = asyncio.current_task()
+        self._timer: asyncio.TimerHandle | None = None
+        self._expired = False
+
+    def start(self) -> None:
+        if self.timeout_s > 0 and self._task is not None:
+            self._timer = asyncio.get_running_loop().call_later(self.timeout_s, self._expire)
+
+    def stop(self) -> None:
+        if self._timer is not None:
+            self._timer.cancel()
+            self._timer = None
+
+    def expired(self) -> bool:
+        """Whether the deadline cancelled the task; the task then counts as no longer cancelled."""
+        if self._expired and self._task is not None:
+            self._expired = False
+            self._task.uncancel()
+            return True
+        return False
+
+    def _expire(self) -> None:
+        self._timer = None
+        if self._task is not None:
+            self._expired = True
+            self._task.cancel()
+
+
 class InferenceServicer(inference_pb2_grpc.InferenceServicer):
     def __init__(self, runtime: Runtime, identity: Identity = no_identity) -> None:
         self.runtime = runtime
@@ -186,12 +225,27 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         options = PredictionRequest()
         ended = False
         requests = aiter(request_iterator)
+        idle = IdleDeadline(runtime.settings.stream_idle_timeout_s)
         try:
             while True:
+                idle.start()
                 try:
                     request = await anext(requests)
                 except StopAsyncIteration:
                     return
+                except asyncio.CancelledError:
+                    if not idle.expired():
+                        raise
+                    ended = True  # ended by the server: the session stays, whatever the settings
+                    message = f"the stream sent nothing for {idle.timeout_s:g} s (--stream-idle-timeout-s)"
+                    if session is None:
+                        refuse(context, StreamIdleError(message))
+                    else:
+                        kept = f"{message}; session {session.id} stays open: resume it"
+                        refuse(context, StreamIdleError(kept, sessionId=session.id))
+                    return
+                finally:
+                    idle.stop()
                 if type(request) is MalformedRequest:
                     raise request.error()
                 kind = request.WhichOneof("kind")
@@ -271,7 +325,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                         Reason.MALFORMED_REQUEST,
                     )
         except ServingError as error:
-            await abort(context, error)
+            refuse(context, error)
         finally:
             if (
                 session is not None
@@ -317,7 +371,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             )
             generation = await self.runtime.generate(params, self.identity(context))
         except ServingError as error:
-            await abort(context, error)
+            refuse(context, error)
+            return
         kept = bool(request.session_id) or request.keep_session
         session_id = generation.session.id if kept else ""
         try:
@@ -331,7 +386,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                     finish_reason=pb.FinishReason.Name(chunk.finish_reason or 0),
                 )
         except ServingError as error:
-            await abort(context, error)
+            refuse(context, error)
         finally:
             generation.cancel()  # a no-op once finished; stops the work when the client went away
 
@@ -339,7 +394,7 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self,
         request: pb.CreateSessionRequest,
         context: grpc.aio.ServicerContext,
-    ) -> pb.CreateSessionResponse:
+    ) -> pb.CreateSessionResponse | None:
         try:
             _check_parsed(request)
             proposed = proposed_session_id(context.invocation_metadata())
@@ -347,14 +402,15 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
                 request.model, request.version, self.identity(context), proposed
             )
         except ServingError as error:
-            await abort(context, error)
+            refuse(context, error)
+            return None
         return pb.CreateSessionResponse(
             session_id=session.id, model=session.model.name, version=session.model.version
         )
 
     async def Step(  # noqa: N802 (a gRPC method name)
         self, request: pb.StepRequest, context: grpc.aio.ServicerContext
-    ) -> pb.StepResponse:
+    ) -> pb.StepResponse | None:
         runtime = self.runtime
         try:
             _check_parsed(request)
@@ -364,7 +420,8 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
             tokens = runtime.check_tokens(session.model, request.tokens, "a Step")
             result, position = await runtime.step(session, tokens, options)
         except ServingError as error:
-            await abort(context, error)
+            refuse(context, error)
+            return None
         return pb.StepResponse(
             session_id=session.id,
             model=session.model.name,
@@ -376,23 +433,25 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
         self,
         request: pb.CloseSessionRequest,
         context: grpc.aio.ServicerContext,
-    ) -> pb.CloseSessionResponse:
+    ) -> pb.CloseSessionResponse | None:
         try:
             _check_parsed(request)
             check_affinity(context.invocation_metadata(), request.session_id)
             session = await self.runtime.find_session(request.session_id, self.identity(context))
             await self.runtime.close(session)
         except ServingError as error:
-            await abort(context, error)
+            refuse(context, error)
+            return None
         return pb.CloseSessionResponse()
 
     async def ListModels(  # noqa: N802 (a gRPC method name)
         self,
         request: pb.ListModelsRequest,
         context: grpc.aio.ServicerContext,
-    ) -> pb.ListModelsResponse:
+    ) -> pb.ListModelsResponse | None:
         if type(request) is MalformedRequest:
-            await abort(context, request.error())
+            refuse(context, request.error())
+            return None
         registry = self.runtime.registry
         return pb.ListModelsResponse(
             models=[self._model_info(name, registry.versions(name)) for name in registry.names()]
@@ -400,12 +459,13 @@ class InferenceServicer(inference_pb2_grpc.InferenceServicer):
 
     async def GetModel(  # noqa: N802 (a gRPC method name)
         self, request: pb.GetModelRequest, context: grpc.aio.ServicerContext
-    ) -> pb.ModelInfo:
+    ) -> pb.ModelInfo | None:
         try:
             _check_parsed(request)
             model = self.runtime.registry.describe(request.name, request.version)
         except ServingError as error:
-            await abort(context, error)
+            refuse(context, error)
+            return None
         return self._model_info(model.name, [model])
 
     def _model_info(self, name: str, versions: list[LoadedModel]) -> pb.ModelInfo:

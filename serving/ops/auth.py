@@ -30,6 +30,7 @@ import asyncio
 import contextlib
 import hashlib
 import re
+import ssl
 from collections.abc import Awaitable, Callable, Iterable, Mapping
 from dataclasses import dataclass
 from pathlib import Path
@@ -37,7 +38,7 @@ from typing import Any
 
 import grpc
 
-from serving.core.errors import Reason, UnauthenticatedError, abort
+from serving.core.errors import Reason, UnauthenticatedError, refuse
 from serving.ops.interceptor import rebuild
 from serving.settings import ServerSettings
 
@@ -160,11 +161,21 @@ def load_tokens(settings: ServerSettings) -> TokenTable | None:
     return TokenTable({_digest(token): identity for token, identity in tokens.items()})
 
 
+def _discard(data: bytes) -> None:
+    """The request deserializer of a refused call: its body is never decoded."""
+    return None
+
+
 def _refusal(handler: grpc.RpcMethodHandler, error: UnauthenticatedError) -> grpc.RpcMethodHandler:
-    """A handler of the same kind as `handler` that answers UNAUTHENTICATED and does nothing else."""
+    """A handler of the same kind as `handler` that answers UNAUTHENTICATED and does nothing else.
+
+    The request body is not decoded, and the status is set rather than raised (`refuse`, not
+    `context.abort`, whose exception and traceback would keep the call's objects in a reference
+    cycle until the garbage collector ran), so an unauthenticated flood costs no memory.
+    """
     streaming_requests = handler.request_streaming
 
-    async def refuse(request: Any, context: grpc.aio.ServicerContext) -> None:
+    async def answer(request: Any, context: grpc.aio.ServicerContext) -> None:
         # A coroutine serves every kind: grpc.aio treats one behind a streaming response as a
         # handler that writes with context.write (here it writes nothing).
         if streaming_requests:
@@ -173,9 +184,9 @@ def _refusal(handler: grpc.RpcMethodHandler, error: UnauthenticatedError) -> grp
             # Core") instead of this status. Bounded, so a silent client cannot hold the call.
             with contextlib.suppress(asyncio.TimeoutError):  # the same class as TimeoutError (3.11+)
                 await asyncio.wait_for(context.read(), FIRST_MESSAGE_WAIT_S)
-        await abort(context, error)
+        refuse(context, error)
 
-    return rebuild(handler, refuse)
+    return rebuild(handler, answer, request_deserializer=_discard)
 
 
 class AuthInterceptor(grpc.aio.ServerInterceptor):
@@ -245,3 +256,21 @@ def server_credentials(settings: ServerSettings) -> grpc.ServerCredentials | Non
     return grpc.ssl_server_credentials(
         [(key, chain)], root_certificates=client_ca, require_client_auth=client_ca is not None
     )
+
+
+def metrics_tls_context(settings: ServerSettings) -> ssl.SSLContext | None:
+    """An HTTPS context for /metrics with the gRPC server's --tls-cert/--tls-key; None without TLS.
+
+    Raises SecurityConfigError when the certificate or key cannot be used.
+    """
+    if settings.tls_cert is None or settings.tls_key is None:
+        return None
+    context = ssl.create_default_context(ssl.Purpose.CLIENT_AUTH)
+    context.minimum_version = ssl.TLSVersion.TLSv1_2
+    try:
+        context.load_cert_chain(settings.tls_cert, settings.tls_key)
+    except (OSError, ssl.SSLError) as error:
+        raise SecurityConfigError(
+            f"--tls-cert {settings.tls_cert} and --tls-key {settings.tls_key} cannot serve /metrics: {error}"
+        ) from None
+    return context

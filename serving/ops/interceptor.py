@@ -10,7 +10,9 @@ are its subclasses; auth (serving.ops.auth) replaces the behaviour with a refusa
 
 `final_status` is computed once per call and shared by every interceptor of that call, so the
 access log and /metrics always report the same code, even for a call cancelled just as its
-deadline ran out.
+deadline ran out. The wrappers drop the exception they kept for it once the call has
+ended: held by a frame of its own traceback, it would keep the request (up to the receive limit's
+size) in a reference cycle until the garbage collector ran.
 """
 
 from __future__ import annotations
@@ -67,12 +69,17 @@ def behavior_of(handler: grpc.RpcMethodHandler) -> Behavior | None:
     return HANDLER_KINDS[handler.request_streaming, handler.response_streaming][0](handler)
 
 
-def rebuild(handler: grpc.RpcMethodHandler, behavior: Behavior) -> grpc.RpcMethodHandler:
-    """A handler of the same kind and (de)serializers as `handler`, running `behavior`."""
+def rebuild(
+    handler: grpc.RpcMethodHandler,
+    behavior: Behavior,
+    request_deserializer: Callable[[bytes], Any] | None = None,
+) -> grpc.RpcMethodHandler:
+    """A handler of the same kind and (de)serializers as `handler`, running `behavior`; with
+    `request_deserializer`, that one decodes (or ignores) the request bodies instead."""
     factory = HANDLER_KINDS[handler.request_streaming, handler.response_streaming][1]
     return factory(
         behavior,
-        request_deserializer=handler.request_deserializer,
+        request_deserializer=request_deserializer or handler.request_deserializer,
         response_serializer=handler.response_serializer,
     )
 
@@ -183,6 +190,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 if self.counts_messages and code is grpc.StatusCode.OK and not call.kind[1]:
                     self.sent(token)
                 self.end(context, call.method, token, code)
+                error = None  # frame -> error -> traceback -> frame: keep the request out of a cycle
 
         return wrapped
 
@@ -204,6 +212,7 @@ class CallInterceptor(grpc.aio.ServerInterceptor):
                 # Close the handler now: its own `finally` runs here, inside this call's context.
                 await responses.aclose()
                 self.end(context, call.method, token, final_status(context, error))
+                error = None  # as in _unary
 
         return wrapped
 

@@ -146,7 +146,7 @@ class CallTracker(CallInterceptor):
         if counted:
             self.in_flight += 1
             self._idle.clear()
-        # Trailing metadata set now survives an abort that passes none of its own.
+        # Set now: `errors.refuse` keeps it beside the status details it adds.
         context.set_trailing_metadata(((REQUEST_ID_KEY, rid),))
         # grpc.aio handles each call in its own task, whose context is its own: the id is seen
         # by everything this call runs, and by nothing else.

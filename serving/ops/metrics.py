@@ -44,9 +44,10 @@ from __future__ import annotations
 
 import contextlib
 import socket
+import ssl
 import threading
 import time
-from collections.abc import Sequence
+from collections.abc import Callable, Iterable, Sequence
 from dataclasses import dataclass, field
 from socketserver import ThreadingMixIn
 from types import TracebackType
@@ -402,11 +403,16 @@ class RequestMetricsInterceptor(CallInterceptor):
 # ----- /metrics over HTTP ------------------------------------------------------------------------
 
 
+WSGIApp = Callable[[dict[str, Any], Callable[..., Any]], Iterable[bytes]]
+
+
 class MetricsBindError(RuntimeError):
     """The metrics address cannot be bound (in use, or not an address of this machine)."""
 
 
 class _QuietHandler(WSGIRequestHandler):
+    timeout = 10.0  # a client that stalls (a TLS handshake, a request line) frees its thread
+
     def log_message(self, format: str, *args: Any) -> None:
         """No access log: a scrape every few seconds would flood the server's stderr."""
 
@@ -419,22 +425,44 @@ class _ThreadingWSGIServer6(_ThreadingWSGIServer):
     address_family = socket.AF_INET6
 
 
+def _bearer_guard(app: WSGIApp, accepts: Callable[[str], bool]) -> WSGIApp:
+    """`app` behind `Authorization: Bearer TOKEN`: 401 unless `accepts(TOKEN)`."""
+
+    def guarded(environ: dict[str, Any], start_response: Callable[..., Any]) -> Iterable[bytes]:
+        header = environ.get("HTTP_AUTHORIZATION", "")
+        if header[:7].lower() == "bearer " and accepts(header[7:].strip()):
+            return app(environ, start_response)
+        body = b"/metrics needs 'Authorization: Bearer TOKEN' with one of the server's tokens\n"
+        start_response(
+            "401 Unauthorized",
+            [
+                ("Content-Type", "text/plain; charset=utf-8"),
+                ("Content-Length", str(len(body))),
+                ("WWW-Authenticate", 'Bearer realm="rnnserve metrics"'),
+            ],
+        )
+        return [body]
+
+    return guarded
+
+
 class MetricsServer:
     """/metrics (Prometheus text format, any path) served from a background thread.
 
     `close()` stops it and frees the port; also a context manager.
     """
 
-    def __init__(self, httpd: WSGIServer, thread: threading.Thread) -> None:
+    def __init__(self, httpd: WSGIServer, thread: threading.Thread, tls: bool = False) -> None:
         self._httpd = httpd
         self._thread = thread
         self.host = str(httpd.server_address[0])
         self.port = int(httpd.server_address[1])
+        self.tls = tls
 
     @property
     def url(self) -> str:
         host = f"[{self.host}]" if ":" in self.host else self.host
-        return f"http://{host}:{self.port}/metrics"
+        return f"{'https' if self.tls else 'http'}://{host}:{self.port}/metrics"
 
     def close(self) -> None:
         if not self._thread.is_alive():
@@ -453,17 +481,31 @@ class MetricsServer:
 
 
 def start_metrics_server(
-    registry: CollectorRegistry, host: str = "127.0.0.1", port: int = 0
+    registry: CollectorRegistry,
+    host: str = "127.0.0.1",
+    port: int = 0,
+    *,
+    tls: ssl.SSLContext | None = None,
+    accepts_token: Callable[[str], bool] | None = None,
 ) -> MetricsServer:
     """Serve `registry` at http://HOST:PORT/metrics; port 0 picks a free port (see `.port`).
 
+    `tls`: serve HTTPS with this server-side context (the gRPC server's certificate). With
+    `accepts_token`, a scrape needs `Authorization: Bearer TOKEN` that it accepts (else 401).
     Raises MetricsBindError when the address cannot be bound.
     """
     server_class = _ThreadingWSGIServer6 if ":" in host else _ThreadingWSGIServer
+    app: WSGIApp = make_wsgi_app(registry)
+    if accepts_token is not None:
+        app = _bearer_guard(app, accepts_token)
     try:
-        httpd = make_server(host, port, make_wsgi_app(registry), server_class, handler_class=_QuietHandler)
+        httpd = make_server(host, port, app, server_class, handler_class=_QuietHandler)
     except OSError as error:
         raise MetricsBindError(f"cannot serve metrics on {host}:{port}: {error}") from None
+    if tls is not None:
+        # The handshake runs on the request's own thread (at its first read), so a client that
+        # connects and never completes it holds that thread only, not the accept loop.
+        httpd.socket = tls.wrap_socket(httpd.socket, server_side=True, do_handshake_on_connect=False)
     # A short poll interval, so close() returns within 0.1 s rather than serve_forever's 0.5 s.
     thread = threading.Thread(
         target=httpd.serve_forever,
@@ -472,4 +514,4 @@ def start_metrics_server(
         daemon=True,
     )
     thread.start()
-    return MetricsServer(httpd, thread)
+    return MetricsServer(httpd, thread, tls=tls is not None)

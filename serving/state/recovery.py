@@ -50,10 +50,10 @@ from typing import Any, TypeVar
 
 import numpy as np
 
-from serving.core.errors import AlreadyExistsError, Reason, SessionNotFoundError, UnavailableError
+from serving.core.errors import Reason, SessionNotFoundError, UnavailableError
 from serving.core.observers import ServerObserver
 from serving.core.registry import LoadedModel
-from serving.core.sessions import Session, SessionManager
+from serving.core.sessions import Session, SessionIdInUseError, SessionManager
 from serving.core.state_pool import SavedRows
 from serving.settings import ServerSettings
 from serving.state.capture import (
@@ -252,21 +252,17 @@ class SessionRecovery:
     async def opened(self, session: Session) -> None:
         """Record a new session (in the zero state), claiming its id in Redis.
 
-        Raises AlreadyExistsError, after closing the session here, when Redis holds a record
-        under its id: a client proposed the id of another session. While Redis is down the
-        session serves on, recoverable from its first save.
+        Raises SessionIdInUseError (ALREADY_EXISTS), after withdrawing the session here, when Redis
+        holds a record under its id: a client proposed the id of another session. While Redis is
+        down the session serves on, recoverable from its first save.
         """
         record = session_record(session.model, session, self.wall_clock())
         self._recorded.add(session.id)
         claimed = await self._enqueue(session.id, functools.partial(self._save_record, record, True))
         if claimed is False:
             self._foreign.add(session.id)
-            self.sessions.close(session)
-            raise AlreadyExistsError(
-                f"session id {session.id} is taken by another session; propose a fresh id or let "
-                f"the server choose one",
-                sessionId=session.id,
-            )
+            self.sessions.withdraw(session)
+            raise SessionIdInUseError(session.id)
 
     def stepped(self, session: Session) -> Awaitable[Any] | None:
         """A request on the session succeeded and released it. Returns the save to await before
@@ -353,7 +349,7 @@ class SessionRecovery:
             )
         try:
             session = self.sessions.create(model, owner, session_id=session_id)
-        except ValueError:
+        except SessionIdInUseError:
             # Opened here meanwhile, by a client proposing this id for a new session.
             return self.sessions.get(session_id, owner)
         # Held from here (at once: nobody else can have it yet) until its rows are written, so

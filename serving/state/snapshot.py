@@ -45,7 +45,7 @@ from serving.core.errors import ServingError
 from serving.core.registry import LoadedModel, batching_options, engine_options, load_version
 from serving.core.repository import RepositoryError, read_manifest
 from serving.core.runtime import Runtime
-from serving.core.sessions import Session
+from serving.core.sessions import Session, SessionIdInUseError
 from serving.state.capture import capture_held, restored_rows, write_rows
 from serving.state.records import (
     PersistenceError,
@@ -168,10 +168,10 @@ class SessionSnapshots:
         sessions = self.runtime.sessions
         try:
             session = sessions.create(model, record.owner, session_id=record.session_id)
+        except SessionIdInUseError:
+            return "its id is already open"
         except ServingError:
             return "a session limit (--max-sessions or --max-sessions-per-token) was reached"
-        except ValueError:
-            return "its id is already open"
         session.position = record.position
         session.last_used = sessions.clock() - idle_s
         restored.setdefault(model, []).append((session, record))

@@ -273,6 +273,8 @@ def test_servers_agree_with_the_server_settings(services: dict[str, dict[str, An
         http_port = setting(settings, environment, "http_port")
         assert http_port in container_ports, f"{name}: HTTP port {http_port} is not published"
         assert settings.port == default_setting("port") and metrics_port == default_setting("metrics_port")
+        # No TLS or tokens here, so /metrics would stay on the container's loopback unless told.
+        assert settings.metrics_bind_host == "0.0.0.0", f"{name}: Prometheus could not reach /metrics"
         # Compose waits this long after SIGTERM before SIGKILL: the drain must fit in it.
         grace = re.fullmatch(r"(\d+)s", service["stop_grace_period"])
         assert grace and int(grace.group(1)) > settings.grace_period_s, name
@@ -285,6 +287,12 @@ def test_host_ports_do_not_collide(services: dict[str, dict[str, Any]]) -> None:
     host_ports = [host for service in services.values() for host, _ in published_ports(service) if host]
     assert len(host_ports) == len(set(host_ports)), f"a host port is published twice: {sorted(host_ports)}"
     assert published_ports(services["server"]) == [(50051, 50051), (8000, 8000), (9400, 9400)]
+    assert all(
+        str(entry).startswith("127.0.0.1:")
+        for service in services.values()
+        for entry in service.get("ports", [])
+        if str(entry).split(":")[-1] == "9400"
+    ), "an unprotected /metrics is published beyond the host's loopback"
     # Replicas publish nothing: a fixed host port could be held by one container only.
     assert published_ports(services["replica"]) == []
 

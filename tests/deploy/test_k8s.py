@@ -153,6 +153,7 @@ def test_server_deployment_agrees_with_the_server_settings(objects: list[dict[st
     assert container_port(server, "grpc") == settings.port == default_setting("port")
     assert container_port(server, "metrics") == setting(settings, env, "metrics_port")
     assert container_port(server, "http") == setting(settings, env, "http_port")
+    assert settings.metrics_bind_host == "0.0.0.0"  # else /metrics stays on the pod's loopback
     for probe in ("startupProbe", "livenessProbe"):
         assert server[probe]["grpc"]["port"] == settings.port, probe
     # Readiness: KServe v2's HTTP readiness endpoint, which answers 503 while draining.

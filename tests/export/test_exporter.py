@@ -260,7 +260,7 @@ def test_bad_checkpoints_are_refused(tmp_path: Path, damage: Any, message: str) 
     assert not (tmp_path / "repo").exists()
 
 
-@pytest.mark.parametrize("name", ["", "-lead", ".hidden", "a/b", "..", "has space", "ü"])
+@pytest.mark.parametrize("name", ["", "-lead", ".hidden", "a/b", "..", "has space", "ü", "m" * 129])
 def test_invalid_names_are_refused(tmp_path: Path, name: str) -> None:
     checkpoint = save_tiny_checkpoint(tmp_path / "ckpt", "lstm")
     with pytest.raises(RepositoryError, match="invalid model name"):

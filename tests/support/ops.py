@@ -15,6 +15,7 @@ import re
 import shutil
 import signal
 import socket
+import ssl
 import subprocess
 import sys
 import threading
@@ -48,9 +49,13 @@ def wait_for(predicate: Callable[[], bool], timeout: float, what: str, interval:
         time.sleep(interval)
 
 
-def scrape(url: str) -> Samples:
-    """Every sample of a /metrics page: (name, sorted labels) -> value."""
-    with urllib.request.urlopen(url, timeout=5) as response:
+def scrape(url: str, token: str | None = None, tls_ca: Path | None = None) -> Samples:
+    """Every sample of a /metrics page: (name, sorted labels) -> value. `token`: sent as
+    `Authorization: Bearer TOKEN`; `tls_ca`: the CA that signed an https endpoint's certificate."""
+    headers = {} if token is None else {"Authorization": f"Bearer {token}"}
+    context = None if tls_ca is None else ssl.create_default_context(cafile=str(tls_ca))
+    request = urllib.request.Request(url, headers=headers)
+    with urllib.request.urlopen(request, timeout=5, context=context) as response:
         assert response.status == 200
         text = response.read().decode()
     return {
@@ -102,8 +107,8 @@ class OpsServer:
         assert self.server.metrics_endpoint is not None
         return str(self.server.metrics_endpoint.url)
 
-    def scrape(self) -> Samples:
-        return scrape(self.metrics_url)
+    def scrape(self, token: str | None = None, tls_ca: Path | None = None) -> Samples:
+        return scrape(self.metrics_url, token, tls_ca)
 
     def call(self, coroutine: Coroutine[Any, Any, T], timeout: float = 30.0) -> T:
         """Run a coroutine on the server's loop and wait for its result."""

@@ -31,13 +31,21 @@ from starlette.requests import Request
 from starlette.responses import HTMLResponse, JSONResponse, Response, StreamingResponse
 from starlette.routing import Route
 
-from serving.core.errors import InvalidArgumentError, Reason, ServingError, UnauthenticatedError, status_code
+from serving.core.errors import (
+    InvalidArgumentError,
+    Reason,
+    ResourceExhaustedError,
+    ServingError,
+    UnauthenticatedError,
+    status_code,
+)
 from serving.core.runtime import Generation
 from serving.frontend.affinity import check_affinity, proposed_session_id
 from serving.frontend.http import codec
 from serving.frontend.http.generate import GenerateRequest, parse_generate
 from serving.frontend.kserve_common import SERVER_EXTENSIONS, SERVER_NAME, SERVER_VERSION, KServeFrontend
 from serving.ops.auth import TokenTable, bearer_token
+from serving.settings import ServerSettings
 
 HTTP_STATUS = {
     grpc.StatusCode.INVALID_ARGUMENT: 400,
@@ -49,9 +57,53 @@ HTTP_STATUS = {
     grpc.StatusCode.UNAVAILABLE: 503,
     grpc.StatusCode.INTERNAL: 500,
 }
+# The largest body the door reads (`body_limit`): a token id or a character of text takes at most
+# this many bytes of JSON (a non-BMP character escaped as two \\uXXXX; an id and its comma are
+# shorter), and the other fields at most FIXED_BODY_BYTES.
+JSON_BYTES_PER_TOKEN = 12
+FIXED_BODY_BYTES = 4096
 SSE_HEADERS = {"Cache-Control": "no-cache", "X-Accel-Buffering": "no"}  # nginx: do not buffer events
 
 Handler = Callable[[Request], Awaitable[Response]]
+
+
+def body_limit(settings: ServerSettings) -> int:
+    """The largest request body read: --max-message-bytes when set, else the largest legal request,
+    a generate body whose text_input and stop_token_ids each hold --max-tokens-per-request
+    characters or ids:
+
+        2 * max_tokens_per_request * JSON_BYTES_PER_TOKEN + FIXED_BODY_BYTES
+
+    (a KServe infer body of as many INT64 ids, as JSON or as binary data, is smaller). A larger
+    body is refused before it is read whole: its declared Content-Length first, else as it arrives.
+    """
+    if settings.max_message_bytes:
+        return settings.max_message_bytes
+    return 2 * settings.max_tokens_per_request * JSON_BYTES_PER_TOKEN + FIXED_BODY_BYTES
+
+
+async def read_body(request: Request, limit: int) -> bytes:
+    """The request's body, at most `limit` bytes; ResourceExhaustedError beyond that."""
+
+    def too_large(size: str) -> ResourceExhaustedError:
+        return ResourceExhaustedError(
+            f"the request body has {size} bytes, over this server's limit of {limit} "
+            f"(from --max-tokens-per-request, or --max-message-bytes)",
+            Reason.TOO_MANY_TOKENS,
+            limit=limit,
+        )
+
+    declared = request.headers.get("content-length", "")
+    if declared.isdigit() and int(declared) > limit:
+        raise too_large(declared)
+    chunks: list[bytes] = []
+    size = 0
+    async for chunk in request.stream():
+        size += len(chunk)
+        if size > limit:
+            raise too_large(f"more than {limit}")
+        chunks.append(chunk)
+    return b"".join(chunks)
 
 
 def error_body(error: ServingError) -> dict[str, str]:
@@ -79,6 +131,7 @@ class HttpApi:
         self.frontend = frontend
         self.runtime = frontend.runtime
         self.tokens = tokens
+        self.body_limit = body_limit(frontend.runtime.settings)
 
     def app(self) -> Starlette:
         model = "/v2/models/{name}"
@@ -195,7 +248,7 @@ class HttpApi:
     async def repository_index(self, request: Request) -> Response:
         try:
             self.owner(request)
-            body = await request.body()
+            body = await read_body(request, self.body_limit)
             options = codec.parse_json(body, "repository index") if body else {}
             if not isinstance(options, dict):
                 raise InvalidArgumentError(
@@ -214,7 +267,9 @@ class HttpApi:
         try:
             owner = self.owner(request)
             call, binary_output, choices = codec.decode_request(
-                *self._model(request), await request.body(), request.headers.get(codec.HEADER_LENGTH)
+                *self._model(request),
+                await read_body(request, self.body_limit),
+                request.headers.get(codec.HEADER_LENGTH),
             )
             answer = await self.frontend.infer(call, owner)
         except ServingError as error:
@@ -231,7 +286,7 @@ class HttpApi:
     async def _start_generation(self, request: Request) -> tuple[GenerateRequest, Generation]:
         owner = self.owner(request)
         name, version = self._model(request)
-        body = codec.parse_json(await request.body(), "generate request")
+        body = codec.parse_json(await read_body(request, self.body_limit), "generate request")
         parsed = await parse_generate(self.frontend, name, version, body, owner)
         headers = list(request.headers.items())
         if parsed.params.session_id:

@@ -199,3 +199,18 @@ def test_cuda_asked_for_and_absent_fails_clearly() -> None:
         resolve_providers("cuda")
     assert resolve_providers("auto") == ["CPUExecutionProvider"]
     assert resolve_providers("cpu") == ["CPUExecutionProvider"]
+
+
+def test_the_repository_refuses_model_names_outside_the_allowed_form(
+    model_repository: Path, tmp_path: Path
+) -> None:
+    for name in ("tiny gru", "x" * 129, "-tiny", "tiny-gru"):
+        shutil.copytree(model_repository / "tiny-gru", tmp_path / name)
+    scan = scan_repository(tmp_path)
+    assert sorted(scan.versions) == ["tiny-gru"]
+    assert sorted(str(refused.path.parent.name) for refused in scan.refused) == sorted(
+        ["tiny gru", "x" * 129, "-tiny"]
+    )
+    assert all(
+        "model names are 1-128 characters of A-Z a-z 0-9" in refused.reason for refused in scan.refused
+    )

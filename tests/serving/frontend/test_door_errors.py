@@ -27,6 +27,7 @@ from tests.support.models import Oracle
 
 SEQUENCE = 31337
 MODEL = "tiny-lstm"
+OVERSIZED = 5 << 20  # bytes: over the HTTP door's body limit under the default settings
 
 
 @pytest.fixture(scope="module")
@@ -158,6 +159,14 @@ GRPC_CASES: list[tuple[str, dict[str, Any], str, str, str]] = [
 HTTP_CASES: list[tuple[str, str, Any, int, str, str]] = [
     # (case, path, body: bytes or JSON, HTTP status, reason, words the error must contain)
     ("malformed JSON", f"/v2/models/{MODEL}/infer", b"{not json", 400, "MALFORMED_REQUEST", "not valid JSON"),
+    (
+        "a body over the size limit",
+        f"/v2/models/{MODEL}/generate",
+        b"x" * OVERSIZED,  # not JSON either: read whole, it would answer 400
+        429,
+        "TOO_MANY_TOKENS",
+        "over this server's limit",
+    ),
     ("no inputs", f"/v2/models/{MODEL}/infer", {"parameters": {}}, 400, "MALFORMED_REQUEST", "inputs"),
     (
         "float data for INT64",
@@ -360,6 +369,26 @@ def test_http_bad_requests_are_refused_and_change_nothing(doors: FrontDoorServer
             assert words in response.json()["error"], (case, response.json())
             assert response.json()["reason"] == reason, (case, response.json())
     _finish_sequence(doors, client, sessions)
+
+
+def test_a_chunked_body_is_refused_as_soon_as_it_passes_the_limit(doors: FrontDoorServer) -> None:
+    """Without a Content-Length the body is counted as it arrives; the server stops reading it
+    (not JSON either: read whole, it would answer 400 MALFORMED_REQUEST)."""
+    sent = 0
+
+    def chunks() -> Iterator[bytes]:
+        nonlocal sent
+        for _ in range(64):  # 64 MiB, far past the limit, if the server read it all
+            sent += 1
+            yield b"x" * (1 << 20)
+
+    with httpx.Client(base_url=doors.http_url, timeout=30) as http:
+        try:
+            response = http.post(f"/v2/models/{MODEL}/generate", content=chunks())
+        except httpx.HTTPError:  # the server answered and closed before the client sent it all
+            assert sent < 64
+            return
+    assert response.status_code == 429 and response.json()["reason"] == "TOO_MANY_TOKENS", response.text
 
 
 def test_a_body_that_is_not_the_message_answers_invalid_argument(doors: FrontDoorServer) -> None:

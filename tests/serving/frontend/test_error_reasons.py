@@ -337,6 +337,8 @@ def test_every_reason_is_reached_by_a_test() -> None:
         Reason.BEARER_TOKEN_INVALID,
         Reason.OWNER_SESSION_LIMIT,
         Reason.SESSION_NOT_RESTORABLE,  # test_scale_recovery.py
+        Reason.STREAM_IDLE,  # test_hardening_idle.py
+        Reason.HEALTH_WATCH_LIMIT,  # test_hardening_idle.py
     }
     assert set(DEFAULT_SERVER_CASES) | elsewhere == set(Reason)
 

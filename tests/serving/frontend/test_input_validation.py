@@ -42,6 +42,7 @@ from hypothesis import strategies as st
 
 from contract import signature as sig
 from contract.hashing import sha256_file
+from contract.model_name import MODEL_NAME_RULE, valid_model_name
 from protos.rnnserve.v1 import inference_pb2 as pb
 from protos.rnnserve.v1 import inference_pb2_grpc
 from serving.clients.client import RnnserveClient, StreamSession
@@ -965,7 +966,8 @@ def test_unknown_models_and_versions(harness: Harness, name: str, version: int, 
     if name == "" and rpc in empty_name:
         result.expect(INVALID, empty_name[rpc])
     elif name not in SERVED:
-        result.expect(NOT_FOUND, f"model {name!r} is not served; models: ['tiny-gru', 'tiny-lstm']")
+        rule = "" if valid_model_name(name) else f" (model names are {MODEL_NAME_RULE})"
+        result.expect(NOT_FOUND, f"model {name!r} is not served{rule}; models: ['tiny-gru', 'tiny-lstm']")
     elif version not in (0, 1) and rpc == "GetModel":
         result.expect(NOT_FOUND, f"model {name!r} has no loaded version {version}; loaded versions: [1]")
     elif version not in (0, 1):

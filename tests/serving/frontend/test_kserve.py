@@ -11,13 +11,16 @@ import queue
 from collections.abc import Iterator
 from pathlib import Path
 
+import grpc
 import numpy as np
 import pytest
 import tritonclient.grpc as grpcclient
 import tritonclient.http as httpclient
+from tritonclient.grpc import service_pb2, service_pb2_grpc
 
+from serving.clients.client import error_info
 from tests.support.frontend import FrontDoorServer, stream_logprobs
-from tests.support.models import ALPHABET, TINY_MODELS
+from tests.support.models import ALPHABET, TINY_MODELS, Oracle
 from tests.support.servers import run
 
 SEQUENCE_LENGTH = 100
@@ -152,3 +155,41 @@ def test_model_config_reports_the_sequence_batcher_and_state(doors: FrontDoorSer
     stats = rest.get_inference_statistics("tiny-lstm")["model_stats"]
     assert stats[0]["name"] == "tiny-lstm"
     rest.close()
+
+
+def _sequence_request(token: int, start: bool) -> service_pb2.ModelInferRequest:
+    request = service_pb2.ModelInferRequest(model_name="tiny-lstm")
+    request.inputs.add(name="tokens", datatype="INT64", shape=[1, 1])  # values: raw_input_contents
+    request.raw_input_contents.append(np.array([[token]], np.int64).tobytes())
+    request.parameters["sequence_id"].int64_param = 77
+    request.parameters["sequence_start"].bool_param = start
+    return request
+
+
+def test_an_idle_stream_infer_ends_and_its_sequence_stays_open(model_repository: Path) -> None:
+    """ModelStreamInfer has rnnserve.v1 Stream's idle limit: DEADLINE_EXCEEDED, reason STREAM_IDLE."""
+    server = FrontDoorServer(model_repository, stream_idle_timeout_s=0.5)
+
+    async def scenario() -> tuple[object, grpc.aio.AioRpcError, object]:
+        async with grpc.aio.insecure_channel(server.target) as channel:
+            stub = service_pb2_grpc.GRPCInferenceServiceStub(channel)
+            call = stub.ModelStreamInfer()
+            await call.write(_sequence_request(1, start=True))
+            first = await call.read()
+            with pytest.raises(grpc.aio.AioRpcError) as ended:
+                await call.read()  # nothing more is sent: the server ends the stream
+            after = await stub.ModelInfer(_sequence_request(2, start=False), timeout=10)
+        return first, ended.value, after
+
+    try:
+        first, ended, after = run(scenario())
+    finally:
+        server.stop()
+    assert not first.error_message, first.error_message  # type: ignore[attr-defined]
+    assert ended.code() == grpc.StatusCode.DEADLINE_EXCEEDED
+    info = error_info(ended)
+    assert info is not None and info.reason == "STREAM_IDLE", info
+    assert "--stream-idle-timeout-s" in (ended.details() or "")
+    oracle = Oracle(model_repository / "tiny-lstm" / "1")
+    logprobs = grpcclient.InferResult(after).as_numpy("logprobs")[0]
+    np.testing.assert_allclose(logprobs, oracle.logprobs([1, 2]), atol=1e-5)

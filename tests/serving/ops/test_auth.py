@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import os
 import subprocess
+import urllib.error
 from collections.abc import Awaitable, Callable, Iterator
 from pathlib import Path
 from typing import Any, TypeVar
@@ -18,7 +19,15 @@ from serving.clients.client import Connection, RnnserveClient
 from serving.clients.health import check
 from serving.ops.auth import SecurityConfigError, load_tokens
 from serving.settings import ServerSettings
-from tests.support.ops import RNNSERVE, Certificates, OpsServer, free_port, make_certificates, sample
+from tests.support.ops import (
+    RNNSERVE,
+    Certificates,
+    OpsServer,
+    free_port,
+    make_certificates,
+    sample,
+    scrape,
+)
 from tests.support.servers import run
 
 T = TypeVar("T")
@@ -105,7 +114,7 @@ def test_tokens_are_required_except_for_health(secured: OpsServer) -> None:
                 )
             )
         assert closed.value.code() == UNAUTHENTICATED  # type: ignore[attr-defined]
-    metrics = secured.scrape()
+    metrics = secured.scrape(token=BOB)
     labels = {"grpc_service": "rnnserve.v1.Inference", "grpc_method": "ListModels", "grpc_type": "unary"}
     assert sample(metrics, "grpc_server_handled_total", grpc_code="UNAUTHENTICATED", **labels) == 2
     assert sample(metrics, "grpc_server_handled_total", grpc_code="OK", **labels) == 4
@@ -289,3 +298,41 @@ def test_serve_refuses_unusable_security_files(tmp_path: Path, model_repository:
         [*args, "--tls-key", str(key)], capture_output=True, text=True, timeout=60, check=False
     )
     assert half.returncode == 2 and "--tls-cert and --tls-key go together" in half.stderr
+
+
+def test_metrics_speak_tls_and_want_a_token_when_the_server_does(
+    model_repository: Path, certificates: Certificates
+) -> None:
+    server = OpsServer(
+        model_repository,
+        tls_cert=certificates.server_cert,
+        tls_key=certificates.server_key,
+        auth_tokens=f"ci:{ALICE}",
+    )
+    try:
+        url = server.metrics_url
+        assert url.startswith("https://127.0.0.1:")
+        samples = server.scrape(token=ALICE, tls_ca=certificates.ca)
+        assert any(name == "rnnserve_sessions_active" for name, _ in samples)
+        for token in (None, "not-a-token-of-this-server", BOB):
+            with pytest.raises(urllib.error.HTTPError) as refused:
+                server.scrape(token=token, tls_ca=certificates.ca)
+            assert refused.value.code == 401
+            assert refused.value.headers["WWW-Authenticate"].startswith("Bearer")
+            refused.value.close()
+        # Plain HTTP, or a CA that did not sign the certificate, gets nothing.
+        with pytest.raises((urllib.error.URLError, ConnectionError)):
+            scrape(url.replace("https://", "http://"), token=ALICE)
+        with pytest.raises(urllib.error.URLError):
+            server.scrape(token=ALICE, tls_ca=certificates.other_ca)
+    finally:
+        server.stop()
+
+
+def test_unprotected_metrics_listen_on_loopback_unless_told_otherwise() -> None:
+    assert ServerSettings(host="0.0.0.0").metrics_bind_host == "127.0.0.1"
+    assert ServerSettings(host="0.0.0.0", metrics_host="0.0.0.0").metrics_bind_host == "0.0.0.0"
+    # With tokens or TLS, /metrics has them too, so it follows --host.
+    assert ServerSettings(host="0.0.0.0", auth_tokens=f"ci:{ALICE}").metrics_bind_host == "0.0.0.0"
+    tls = ServerSettings(host="::", tls_cert=Path("cert.pem"), tls_key=Path("key.pem"))
+    assert tls.metrics_bind_host == "::"
