@@ -45,7 +45,13 @@ import numpy as np
 
 from contract.sampling import Sampling
 from contract.tokenizer import TEXT_TOKENIZERS, TokenizerError
-from serving.core.errors import InvalidArgumentError, Reason, ResourceExhaustedError, SessionNotFoundError
+from serving.core.errors import (
+    InvalidArgumentError,
+    Reason,
+    ResourceExhaustedError,
+    SessionNotFoundError,
+    shown,
+)
 from serving.core.registry import LoadedModel
 from serving.core.runtime import Runtime
 from serving.core.sampling import log_softmax
@@ -526,14 +532,16 @@ class KServeFrontend:
         return await runtime.open_session(model.name, model.version, owner, session_id), True
 
     async def find_sequence(self, model_name: str, sequence_id: int | str, owner: str | None) -> Session:
-        """The open session of a sequence; SessionNotFoundError says how to start one."""
+        """The open session of a sequence; SessionNotFoundError says how to start one (NotFoundError
+        for a model this server does not serve, as a new sequence would get)."""
+        self.runtime.registry.describe(model_name)
         session_id = sequence_session_id(owner, model_name, sequence_id)
         try:
             return await self.runtime.find_session(session_id, owner)
         except SessionNotFoundError as missing:
             reason = str(missing).replace(f"session {session_id}", f"its session {session_id}")
             raise SessionNotFoundError(
-                f"sequence {sequence_id!r} of model {model_name!r} is not open ({reason}); "
+                f"sequence {sequence_id!r} of model {shown(model_name)} is not open ({reason}); "
                 f"the first request of a sequence sets sequence_start",
                 missing.reason,
             ) from None

@@ -44,7 +44,7 @@ def _object(value: Any, what: str, keys: tuple[str, ...]) -> dict[str, Any]:
         raise InvalidArgumentError(
             f"{what} must be a JSON object, got {type(value).__name__}", Reason.MALFORMED_REQUEST
         )
-    unknown = [key for key in value if key not in keys]
+    unknown = [key[:64] for key in value if key not in keys]
     if unknown:
         raise InvalidArgumentError(
             f"{what} has unknown keys {unknown[:5]}; allowed: {', '.join(keys)}", Reason.MALFORMED_REQUEST
@@ -187,7 +187,7 @@ def decode_request(
         if not isinstance(name, str):
             raise InvalidArgumentError(f"output {index} needs a string name", Reason.MALFORMED_REQUEST)
         output_parameters = _parameters(output.get("parameters"), f"output {name[:64]!r}")
-        unknown = [key for key in output_parameters if key != "binary_data"]
+        unknown = [key[:64] for key in output_parameters if key != "binary_data"]
         if unknown:
             raise InvalidArgumentError(
                 f"output {name[:64]!r} has unknown parameters {unknown[:5]}; allowed: binary_data",

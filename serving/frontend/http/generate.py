@@ -24,7 +24,13 @@ from typing import Any
 
 from contract.sampling import Sampling
 from serving.core.batcher import FinishReason
-from serving.core.errors import InvalidArgumentError, Reason, ResourceExhaustedError, SessionNotFoundError
+from serving.core.errors import (
+    InvalidArgumentError,
+    Reason,
+    ResourceExhaustedError,
+    SessionNotFoundError,
+    shown,
+)
 from serving.core.runtime import GenerateParams, Generation, Runtime
 from serving.frontend.kserve_common import (
     SEQUENCE_END,
@@ -179,7 +185,7 @@ async def parse_generate(
         session = await runtime.find_session(session_id, owner)
         if session.model.name != model_name:
             raise InvalidArgumentError(
-                f"session {session_id} is on model {session.model.name!r}, not {model_name!r}",
+                f"session {session_id} is on model {session.model.name!r}, not {shown(model_name)}",
                 Reason.SESSION_MODEL_MISMATCH,
             )
         return GenerateRequest(params, kept=True, end=False)

@@ -423,3 +423,32 @@ def test_kserve_grpc_needs_a_bearer_token_except_for_probes(model_repository: Pa
         client.close()
     finally:
         server.stop()
+
+
+def test_a_huge_model_name_is_refused_with_not_found_and_echoed_cut(doors: FrontDoorServer) -> None:
+    """Every door answers a model name of any length with NOT_FOUND and a short message."""
+    huge = "m" * 100_000
+    client = grpcclient.InferenceServerClient(doors.target)
+    for call in (
+        lambda: client.infer(huge, [_input([[1]], [1, 1])]),
+        lambda: client.infer(huge, [_input([[1]], [1, 1])], sequence_id=SEQUENCE),  # a sequence's lookup
+        lambda: client.get_model_metadata(huge),
+        lambda: client.get_model_config(huge),
+    ):
+        with pytest.raises(InferenceServerException) as refused:
+            call()
+        assert refused.value.status() == "StatusCode.NOT_FOUND", refused.value.message()[:200]
+        assert len(refused.value.message()) < 1000
+    client.close()
+    long_name = "m" * 8_000  # within what an HTTP request line may carry
+    with httpx.Client(base_url=doors.http_url, timeout=30) as http:
+        for response in (
+            http.get(f"/v2/models/{long_name}"),
+            http.post(f"/v2/models/{long_name}/generate", json={"text_input": "a"}),
+            http.post(
+                f"/v2/models/{long_name}/generate", json={"text_input": "a", "parameters": {"sequence_id": 5}}
+            ),
+        ):
+            assert response.status_code == 404, response.text[:200]
+            assert response.json()["reason"] == "MODEL_NOT_FOUND"
+            assert len(response.json()["error"]) < 1000
