@@ -11,6 +11,7 @@ from __future__ import annotations
 import argparse
 import asyncio
 import os
+import ssl
 import sys
 from collections.abc import Sequence
 
@@ -102,6 +103,16 @@ async def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def https_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS flags (--tls-ca, --tls-cert, --tls-key) for an https:// target; None: the defaults."""
+    if args.tls_ca is None and args.tls_cert is None:
+        return None
+    context = ssl.create_default_context(cafile=args.tls_ca)
+    if args.tls_cert is not None:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    return context
+
+
 def generate_over_http(args: argparse.Namespace) -> int:
     parameters: dict[str, object] = {
         "max_tokens": args.max_new_tokens,
@@ -121,6 +132,7 @@ def generate_over_http(args: argparse.Namespace) -> int:
             version=args.version,
             token=args.token or os.environ.get(TOKEN_ENV) or None,
             timeout=args.timeout,
+            tls=https_context(args),
         ):
             print(event["text_output"], end="", flush=True)
     except HttpGenerateError as error:

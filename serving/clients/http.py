@@ -28,15 +28,17 @@ def stream_generate(
     version: int = 0,
     token: str | None = None,
     timeout: float = 60.0,
+    tls: ssl.SSLContext | None = None,
 ) -> Iterator[dict[str, Any]]:
-    """POST /v2/models/{model}[/versions/{version}]/generate_stream; yields each event's JSON."""
+    """POST /v2/models/{model}[/versions/{version}]/generate_stream; yields each event's JSON.
+    An https:// URL is verified with `tls` (default: the system's CA certificates)."""
     parts = urlsplit(url)
     if parts.scheme not in ("http", "https") or not parts.hostname:
         raise HttpGenerateError(f"{url!r} is not an http:// or https:// URL with a host")
     connection: http.client.HTTPConnection
     if parts.scheme == "https":
         connection = http.client.HTTPSConnection(
-            parts.hostname, parts.port, timeout=timeout, context=ssl.create_default_context()
+            parts.hostname, parts.port, timeout=timeout, context=tls or ssl.create_default_context()
         )
     else:
         connection = http.client.HTTPConnection(parts.hostname, parts.port, timeout=timeout)

@@ -49,7 +49,7 @@ from serving.core.registry import ModelRegistry, load_repository
 from serving.core.repository import RepositoryError
 from serving.core.runtime import Runtime
 from serving.frontend.http.app import HttpApi
-from serving.frontend.http.server import HttpBindError, HttpFrontend
+from serving.frontend.http.server import HttpBindError, HttpFrontend, HttpTls
 from serving.frontend.kserve_common import KServeFrontend
 from serving.frontend.kserve_grpc import SERVICE_NAME as KSERVE_SERVICE
 from serving.frontend.kserve_grpc import KServeServicer, add_kserve_servicer
@@ -277,12 +277,19 @@ async def create_server(
     return server, port
 
 
-def attach_http(server: RnnserveServer, host: str, port: int, tokens: TokenTable | None = None) -> int:
+def attach_http(
+    server: RnnserveServer,
+    host: str,
+    port: int,
+    tokens: TokenTable | None = None,
+    tls: HttpTls | None = None,
+) -> int:
     """Bind the HTTP front end (KServe v2 REST, generate, playground) on host:port, before
-    `server.start()`; port 0 picks a free one. Returns the bound port; raises BindError."""
+    `server.start()`; port 0 picks a free one; `tls` serves HTTPS. Returns the bound port; raises
+    BindError."""
     app = HttpApi(server.kserve, tokens).app()
     try:
-        server.http_frontend = HttpFrontend(app, host, port)
+        server.http_frontend = HttpFrontend(app, host, port, tls)
     except HttpBindError as error:
         raise BindError(str(error)) from None
     return server.http_frontend.port
@@ -342,7 +349,7 @@ async def build_server(
         server.health_port = _bind(health_server, settings.health_address, None)
         server.health_server = health_server
     if settings.http_port:  # bound last: nothing after it can fail and leave its socket open
-        attach_http(server, settings.http_bind_host, settings.http_port, tokens)
+        attach_http(server, settings.http_bind_host, settings.http_port, tokens, HttpTls.of(settings))
     return server, port
 
 

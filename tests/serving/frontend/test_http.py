@@ -4,6 +4,7 @@ with the gRPC doors, bearer tokens, and the routes' error answers."""
 from __future__ import annotations
 
 import json
+import ssl
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -192,3 +193,42 @@ def test_http_port_settings_and_a_taken_port(model_repository: Path) -> None:
 
         with pytest.raises(BindError, match=f"HTTP 127.0.0.1:{port}"):
             run(build())
+
+
+def test_the_http_door_serves_https_with_the_servers_certificate(
+    model_repository: Path, tmp_path: Path, capsys: pytest.CaptureFixture[str]
+) -> None:
+    """With --tls-cert/--tls-key (and --tls-client-ca) the HTTP door is HTTPS, asking for client
+    certificates as gRPC does; plaintext HTTP gets no answer."""
+    from tests.support.ops import OpsServer, free_port, make_certificates
+
+    certificates = make_certificates(tmp_path / "certificates")
+    server = OpsServer(
+        model_repository,
+        tls_cert=certificates.server_cert,
+        tls_key=certificates.server_key,
+        tls_client_ca=certificates.ca,
+        http_port=free_port(),
+        metrics_port=0,
+    )
+    try:
+        frontend = server.server.http_frontend
+        assert frontend is not None and frontend.url.startswith("https://")
+        ready_url = f"https://127.0.0.1:{frontend.port}/v2/health/ready"
+        trusted = ssl.create_default_context(cafile=str(certificates.ca))
+        with pytest.raises(httpx.HTTPError):  # no client certificate
+            httpx.get(ready_url, verify=trusted, timeout=10)
+        trusted.load_cert_chain(certificates.client_cert, certificates.client_key)
+        ready = httpx.get(ready_url, verify=trusted, timeout=10)
+        assert ready.status_code == 200 and ready.json() == {"ready": True}
+        with pytest.raises(httpx.HTTPError):  # plaintext
+            httpx.get(f"http://127.0.0.1:{frontend.port}/v2/health/ready", timeout=10)
+        from serving.clients.generate import main
+
+        tls = ["--tls-ca", str(certificates.ca), "--tls-cert", str(certificates.client_cert)]
+        tls += ["--tls-key", str(certificates.client_key)]
+        argv = ["--target", frontend.url, "--model", "tiny-lstm", "--prompt", "abc", "--max-new-tokens", "5"]
+        assert main([*argv, *tls]) == 0
+        assert capsys.readouterr().out.startswith("abc")
+    finally:
+        server.stop()
