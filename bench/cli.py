@@ -42,6 +42,7 @@ from typing import Any
 import grpc
 
 from bench import load as bench_load
+from bench.document import DocumentError, replace_section, update_document
 from bench.model import BenchModel, BenchModelError, ModelSizes, copy_model, write_synthetic_model
 from bench.procs import ServerProcessError
 from bench.report import compute_targets, format_report, write_outputs
@@ -155,8 +156,12 @@ async def run_bench(config: BenchConfig) -> int:
     results["meta"]["load_average_at_end"] = list(os.getloadavg()) if hasattr(os, "getloadavg") else None
     targets = compute_targets(results)
     written = write_outputs(results, targets, config.out_dir, started.strftime("%Y%m%d-%H%M%S"), config.png)
+    report = format_report(results, targets)
+    if config.document is not None:
+        update_document(config.document, report)
+        written["document"] = str(config.document)
     print()
-    print(format_report(results, targets))
+    print(report)
     for kind, path in written.items():
         if path is not None:
             print(f"[bench] {kind}: {path}")
@@ -302,6 +307,14 @@ def build_parser() -> argparse.ArgumentParser:
         "--out", type=Path, default=Path("bench/results"), help="directory for JSON, Markdown, PNG"
     )
     output.add_argument("--no-png", action="store_true", help="skip the PNG")
+    output.add_argument(
+        "--document",
+        type=Path,
+        default=None,
+        metavar="PAGE",
+        help="also write the report into PAGE between its '<!-- rnnserve bench: begin/end -->' lines "
+        "(bench/run.sh passes docs/benchmarks.md)",
+    )
     return parser
 
 
@@ -326,6 +339,12 @@ def _is_loopback(host: str) -> bool:
 def parse_config(argv: Sequence[str] | None) -> BenchConfig:
     parser = build_parser()
     args = parser.parse_args(argv)
+    if args.document is not None:
+        # Checked before the run, not after minutes of measuring.
+        try:
+            replace_section(args.document.read_text(), "")
+        except (OSError, DocumentError) as error:
+            parser.error(f"--document {args.document}: {error}")
     if args.quick:
         parser.set_defaults(**QUICK_DEFAULTS)
         args = parser.parse_args(argv)
@@ -379,6 +398,7 @@ def parse_config(argv: Sequence[str] | None) -> BenchConfig:
         host=args.host,
         out_dir=args.out,
         png=not args.no_png,
+        document=args.document,
         seed=args.seed,
         server_logs=args.server_logs,
     )

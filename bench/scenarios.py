@@ -54,6 +54,7 @@ class BenchConfig:
     host: str
     out_dir: Path
     png: bool
+    document: Path | None  # a Markdown page whose marked section gets the report (bench.document)
     seed: int
     server_logs: bool  # let the servers log at their own level (default: WARNING)
 
