@@ -204,6 +204,13 @@ class ServerSettings:
             "0 disables polling"
         ),
     )
+    heap_trim_interval_s: float = field(
+        default=5.0,
+        metadata=_about(
+            "give freed heap memory back to the operating system this often (glibc malloc_trim), so "
+            "that memory grown by a burst of large requests does not stay; 0 disables it"
+        ),
+    )
     state_snapshot: Path | None = field(
         default=None,
         metadata=_about(
@@ -300,6 +307,7 @@ class ServerSettings:
             "stream_idle_timeout_s",
             "grace_period_s",
             "reload_interval_s",
+            "heap_trim_interval_s",
             "snapshot_interval_s",
             "state_save_every_s",
         )

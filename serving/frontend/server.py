@@ -67,6 +67,7 @@ from serving.ops.auth import (
     metrics_tls_context,
     server_credentials,
 )
+from serving.ops.heap import HeapTrimmer
 from serving.ops.logs import CallTracker, configure_logging
 from serving.ops.metrics import MetricsBindError, MetricsObserver, MetricsServer, start_metrics_server
 from serving.ops.reload import RepositoryWatcher
@@ -119,6 +120,7 @@ class RnnserveServer:
         self._known_names: set[str] = set()
         self._reload_task: asyncio.Task[None] | None = None
         self._snapshot_task: asyncio.Task[None] | None = None
+        self._trim_task: asyncio.Task[None] | None = None
 
     def health_names(self) -> list[str]:
         """Health service names: overall (""), the Inference service and every model name."""
@@ -163,6 +165,9 @@ class RnnserveServer:
         if self.snapshots is not None and self.settings.snapshot_interval_s > 0:
             periodic = self.snapshots.run_periodic(self.settings.snapshot_interval_s)
             self._snapshot_task = loop.create_task(periodic, name="rnnserve-snapshots")
+        if self.settings.heap_trim_interval_s > 0:
+            trimmer = HeapTrimmer(self.settings.heap_trim_interval_s)
+            self._trim_task = loop.create_task(trimmer.run(), name="rnnserve-heap-trim")
 
     async def stop(self, grace: float | None = None) -> None:
         """Shut down gracefully (see the module docstring); `grace` None: --grace-period-s."""
@@ -179,6 +184,9 @@ class RnnserveServer:
         if self.snapshots is not None and self._snapshot_task is not None:
             self.snapshots.stop_periodic()  # a save in progress finishes first
             await _finished(self._snapshot_task)
+        if self._trim_task is not None:
+            self._trim_task.cancel()
+            await _finished(self._trim_task)
         if self.calls.in_flight:
             log.info("draining: %d calls in flight have %g s to finish", self.calls.in_flight, grace)
         if not await self.calls.wait_idle(max(0.0, deadline - time.monotonic())):
