@@ -87,7 +87,7 @@ ENV RNNSERVE_REPOSITORY=/models \
     RNNSERVE_METRICS_HOST=0.0.0.0 \
     RNNSERVE_DEVICE=cpu
 # 50051: gRPC (Inference, grpc.health.v1, reflection); 9400: Prometheus /metrics.
-EXPOSE 50051 9400
+EXPOSE 50051 8000 9400
 # Numeric, so that Kubernetes' runAsNonRoot can verify it without reading /etc/passwd.
 USER 10001:10001
 # Through sh, so that a container started with another RNNSERVE_PORT is probed on its port.
@@ -119,7 +119,7 @@ ENV RNNSERVE_REPOSITORY=/models \
     RNNSERVE_DEVICE=cuda \
     NVIDIA_VISIBLE_DEVICES=all \
     NVIDIA_DRIVER_CAPABILITIES=compute,utility
-EXPOSE 50051 9400
+EXPOSE 50051 8000 9400
 USER 10001:10001
 HEALTHCHECK --interval=10s --timeout=5s --start-period=120s --retries=3 \
     CMD ["sh", "-c", "rnnserve health --target \"127.0.0.1:${RNNSERVE_PORT:-50051}\""]

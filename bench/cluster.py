@@ -136,7 +136,7 @@ def _replace(text: str, pattern: str, replacement: str, expected: int | None = 1
     if (expected is None and count == 0) or (expected is not None and count != expected):
         raise ClusterError(
             f"{NGINX_CONF} changed: expected {expected or 'some'} match(es) of {pattern!r}, found {count}; "
-            f"update serving/bench_cluster.local_nginx_conf"
+            f"update bench/cluster.py local_nginx_conf"
         )
     return result
 
@@ -156,7 +156,8 @@ def local_nginx_conf(
     Only addresses, paths and spellings change: the upstream lists 127.0.0.1:PORT for each
     upstream port (the deployed `replica:50051 resolve` needs Docker's DNS), nginx listens on
     127.0.0.1:LISTEN_PORT, its pid, temporary files and logs (error.log, access.log) lie in
-    WORK_DIR, and it runs WORKERS worker processes without daemonizing. Raises ClusterError when
+    WORK_DIR, and it runs WORKERS worker processes without daemonizing. The HTTP door's upstream
+    and server are left out: the bench speaks gRPC. Raises ClusterError when
     the template no longer has a line this rewrites.
     """
     if not upstream_ports:
@@ -174,6 +175,9 @@ def local_nginx_conf(
     conf = _replace(conf, r"^(\s*)access_log /dev/stdout grpc;", rf"\1access_log {log_target};")
     # No names to resolve: the replicas are addresses.
     conf = _replace(conf, r"^\s*resolver(_timeout)? [^\n]*\n", "", expected=2)
+    # gRPC only: the HTTP door's upstream and server go.
+    conf = _replace(conf, r"(?s)^    upstream rnnserve_http \{\n.*?^    \}\n", "")
+    conf = _replace(conf, r"(?s)^    server \{\n        listen 8000;\n.*?^    \}\n", "")
     servers = "".join(f"        server {HOST}:{port};\n" for port in upstream_ports)
     conf = _replace(conf, r"^\s*server \S+:\d+ resolve;[^\n]*\n", servers)
     if version < NGINX_HTTP2_DIRECTIVE:

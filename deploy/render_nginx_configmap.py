@@ -1,11 +1,11 @@
 """Write deploy/k8s/nginx-configmap.yaml from deploy/nginx/nginx.conf, the one nginx config.
 
-Compose and Kubernetes run the same nginx config; only two names differ. Compose resolves the
-`replica` service through Docker's embedded DNS server (127.0.0.11). In Kubernetes, nginx asks
-kube-dns for the headless Service's fully qualified name (nginx's resolver ignores the pod's
-search domains, so the short name would not resolve). Each line that changes is marked
-"# compose:" in nginx.conf, and is replaced whole, so an edit to either line that this script
-does not know about fails loudly instead of slipping through.
+Compose and Kubernetes run the same nginx config; only the resolver and the replicas' name
+differ. Compose resolves the `replica` service through Docker's embedded DNS server (127.0.0.11).
+In Kubernetes, nginx asks kube-dns for the headless Service's fully qualified name (nginx's
+resolver ignores the pod's search domains, so the short name would not resolve). Each line that
+changes is marked "# compose:" in nginx.conf, and is replaced whole, so an edit to any of those
+lines that this script does not know about fails loudly instead of slipping through.
 
     python deploy/render_nginx_configmap.py           # rewrite the ConfigMap
     python deploy/render_nginx_configmap.py --check   # exit 1 if it is out of date (CI)
@@ -37,6 +37,10 @@ KUBERNETES_LINES = {
     "        server replica:50051 resolve;  # compose: every container of the `replica` service": (
         f"        server {REPLICAS_FQDN}:50051 resolve;"
         f"  # kubernetes: every ready pod behind the headless Service {HEADLESS_SERVICE}"
+    ),
+    "        server replica:8000 resolve;  # compose: the HTTP port of every `replica` container": (
+        f"        server {REPLICAS_FQDN}:8000 resolve;"
+        f"  # kubernetes: the HTTP port of every ready pod behind {HEADLESS_SERVICE}"
     ),
 }
 

@@ -187,6 +187,16 @@ class ServerSettings:
             "(then /metrics has them too: HTTPS, 'Authorization: Bearer TOKEN'), else 127.0.0.1"
         ),
     )
+    http_port: int = field(
+        default=8000,
+        metadata=_about(
+            "port of the HTTP front end (KServe v2 REST, Triton's generate and generate_stream, the "
+            "playground at /); 0 turns it off"
+        ),
+    )
+    http_host: str = field(
+        default="", metadata=_about("address of the HTTP front end; empty means the same as --host")
+    )
     health_port: int = field(
         default=0,
         metadata=_about(
@@ -326,13 +336,15 @@ class ServerSettings:
         for name in non_negative_ints:
             if getattr(self, name) < 0:
                 problems.append(f"{_flag(name)} must be >= 0, got {getattr(self, name)}")
-        for name in ("port", "metrics_port", "health_port"):
+        for name in ("port", "metrics_port", "health_port", "http_port"):
             if not 0 <= getattr(self, name) <= 65535:
                 problems.append(f"{_flag(name)} must be in 0..65535, got {getattr(self, name)}")
         if self.health_port and self.health_port == self.port:
             problems.append(f"--health-port must differ from --port, both are {self.port}")
         if self.metrics_port and self.metrics_port in (self.port, self.health_port):
             problems.append(f"--metrics-port {self.metrics_port} is already the gRPC or health port")
+        if self.http_port and self.http_port in (self.port, self.health_port, self.metrics_port):
+            problems.append(f"--http-port {self.http_port} is already the gRPC, health or metrics port")
         if (self.tls_cert is None) != (self.tls_key is None):
             problems.append("--tls-cert and --tls-key go together: give both or neither")
         if self.tls_client_ca is not None and self.tls_cert is None:
@@ -391,6 +403,11 @@ class ServerSettings:
     @property
     def health_address(self) -> str:
         return join_host_port(self.host, self.health_port)
+
+    @property
+    def http_bind_host(self) -> str:
+        """Where the HTTP front end listens: --http-host, else --host."""
+        return self.http_host or self.host
 
     @property
     def metrics_bind_host(self) -> str:

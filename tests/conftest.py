@@ -6,6 +6,7 @@ servers.py: the in-process server); test modules import those, never this file.
 
 from __future__ import annotations
 
+import os
 from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
@@ -17,6 +18,10 @@ from tests.support.models import TINY_MODELS, Oracle, export_tiny_model
 from tests.support.servers import ServerThread
 
 pytest_plugins = ["tests.support.skip_summary"]  # the closing `skipped: ...` line
+
+# Servers that tests start as `rnnserve serve` subprocesses open no HTTP door unless a test asks:
+# several run at once, and the default port 8000 may be taken on the machine.
+os.environ.setdefault("RNNSERVE_HTTP_PORT", "0")
 
 
 @pytest.fixture(scope="session")

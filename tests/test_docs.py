@@ -75,3 +75,14 @@ def test_relative_links_point_at_files_that_exist(document: Path) -> None:
     targets = [target for target in LINK.findall(document.read_text()) if "://" not in target]
     broken = [target for target in targets if not (document.parent / target).exists()]
     assert not broken, f"{document.name} links to missing files: {broken}"
+
+
+def test_the_serving_page_shows_the_generated_settings_table() -> None:
+    buffer = io.StringIO()
+    with contextlib.redirect_stdout(buffer), contextlib.suppress(SystemExit):
+        cli.main(["serve", "--print-config-table"])
+    table = buffer.getvalue().strip()
+    assert table.startswith("| flag |")
+    assert table in (REPO_ROOT / "docs" / "serving.md").read_text(), (
+        "docs/serving.md's settings table is not `rnnserve serve --print-config-table`'s: paste it again"
+    )

@@ -2,6 +2,7 @@
 
 The prompt is encoded with the model's own tokenizer (fetched with GetModel), so a character the
 model never saw is refused here with the allowed alphabet; the text appears as it is generated.
+A `--target` of http://HOST:PORT uses the HTTP door's generate_stream instead of gRPC.
 Exit status: 0 done, 1 the server refused or could not be reached, 2 bad arguments or prompt.
 """
 
@@ -9,6 +10,8 @@ from __future__ import annotations
 
 import argparse
 import asyncio
+import os
+import ssl
 import sys
 from collections.abc import Sequence
 
@@ -16,12 +19,14 @@ import grpc
 
 from contract.tokenizer import TEXT_TOKENIZERS, TokenizerError, tokenizer_from_json
 from serving.clients.client import (
+    TOKEN_ENV,
     ConnectionConfigError,
     RnnserveClient,
     Sampling,
     add_connection_arguments,
     connection_from,
 )
+from serving.clients.http import HttpGenerateError, is_http_target, stream_generate
 
 
 def parse_args(argv: Sequence[str]) -> argparse.Namespace:
@@ -30,7 +35,9 @@ def parse_args(argv: Sequence[str]) -> argparse.Namespace:
         description=__doc__.splitlines()[0],
         formatter_class=argparse.ArgumentDefaultsHelpFormatter,
     )
-    parser.add_argument("--target", default="127.0.0.1:50051", help="server address HOST:PORT")
+    parser.add_argument(
+        "--target", default="127.0.0.1:50051", help="gRPC address HOST:PORT, or an HTTP URL http://HOST:PORT"
+    )
     parser.add_argument("--model", required=True, help="model name (see ListModels)")
     parser.add_argument("--version", type=int, default=0, help="model version; 0 = latest")
     parser.add_argument("--prompt", required=True, help="text to continue")
@@ -96,8 +103,49 @@ async def generate(args: argparse.Namespace) -> int:
     return 0
 
 
+def https_context(args: argparse.Namespace) -> ssl.SSLContext | None:
+    """The TLS flags (--tls-ca, --tls-cert, --tls-key) for an https:// target; None: the defaults."""
+    if args.tls_ca is None and args.tls_cert is None:
+        return None
+    context = ssl.create_default_context(cafile=args.tls_ca)
+    if args.tls_cert is not None:
+        context.load_cert_chain(args.tls_cert, args.tls_key)
+    return context
+
+
+def generate_over_http(args: argparse.Namespace) -> int:
+    parameters: dict[str, object] = {
+        "max_tokens": args.max_new_tokens,
+        "temperature": args.temperature,
+        "top_k": args.top_k,
+        "top_p": args.top_p,
+    }
+    if args.seed is not None:
+        parameters["seed"] = args.seed
+    print(args.prompt, end="", flush=True)
+    try:
+        for event in stream_generate(
+            args.target,
+            args.model,
+            args.prompt,
+            parameters,
+            version=args.version,
+            token=args.token or os.environ.get(TOKEN_ENV) or None,
+            timeout=args.timeout,
+            tls=https_context(args),
+        ):
+            print(event["text_output"], end="", flush=True)
+    except HttpGenerateError as error:
+        print(f"\nrnnserve generate: {error}", file=sys.stderr)
+        return 1
+    print()
+    return 0
+
+
 def main(argv: Sequence[str] | None = None) -> int:
     args = parse_args(sys.argv[1:] if argv is None else argv)
+    if is_http_target(args.target):
+        return generate_over_http(args)
     return asyncio.run(generate(args))
 
 

@@ -1,5 +1,6 @@
-"""`rnnserve serve`: the gRPC server (rnnserve.v1.Inference, grpc.health.v1.Health, reflection v1
-and v1alpha; see serving.frontend.standard_services).
+"""`rnnserve serve`: the gRPC server (rnnserve.v1.Inference, KServe v2's
+inference.GRPCInferenceService, grpc.health.v1.Health, reflection v1 and v1alpha; see
+serving.frontend.standard_services) and the HTTP front end.
 
 main() reads top to bottom: parse the settings, check the security files, load the models,
 build the server (metrics, auth, TLS, hot reload, snapshots), restore saved sessions, serve until
@@ -25,8 +26,8 @@ a model is exported into it (hot reload), which keeps it out of load balancers m
 name the server never served answers NOT_FOUND, as grpc.health.v1 specifies.
 
 `create_server(settings, registry)` builds the gRPC part alone (tests and the bench use it);
-`build_server` adds what `rnnserve serve` runs besides: Prometheus /metrics, bearer tokens, TLS,
-the plaintext health port, hot reload and snapshots.
+`build_server` adds what `rnnserve serve` runs besides: the HTTP front end (`attach_http`),
+Prometheus /metrics, bearer tokens, TLS, the plaintext health port, hot reload and snapshots.
 """
 
 from __future__ import annotations
@@ -48,6 +49,11 @@ from serving.core.observers import ServerObserver
 from serving.core.registry import ModelRegistry, load_repository
 from serving.core.repository import RepositoryError
 from serving.core.runtime import Runtime
+from serving.frontend.http.app import HttpApi
+from serving.frontend.http.server import HttpBindError, HttpFrontend, HttpTls
+from serving.frontend.kserve_common import KServeFrontend
+from serving.frontend.kserve_grpc import SERVICE_NAME as KSERVE_SERVICE
+from serving.frontend.kserve_grpc import KServeServicer, add_kserve_servicer
 from serving.frontend.servicer import Identity, InferenceServicer, add_inference_servicer, no_identity
 from serving.frontend.standard_services import (
     HealthServicer,
@@ -57,6 +63,7 @@ from serving.frontend.standard_services import (
 from serving.ops.auth import (
     AuthInterceptor,
     SecurityConfigError,
+    TokenTable,
     load_tokens,
     metrics_tls_context,
     server_credentials,
@@ -106,6 +113,8 @@ class RnnserveServer:
         self.metrics_endpoint: MetricsServer | None = None
         self.health_server: grpc.aio.Server | None = None
         self.health_port = 0  # bound port of health_server
+        self.kserve = KServeFrontend(runtime)  # the KServe v2 rules, shared by the gRPC and HTTP doors
+        self.http_frontend: HttpFrontend | None = None
         self.snapshot_saved = True  # False when the shutdown snapshot could not be written
         self._serving = False
         self._stopping = False
@@ -148,6 +157,8 @@ class RnnserveServer:
         await self.grpc_server.start()
         if self.health_server is not None:
             await self.health_server.start()
+        if self.http_frontend is not None:
+            await self.http_frontend.start()
         await self.set_serving(True)
         loop = asyncio.get_running_loop()
         if self.watcher is not None:
@@ -185,7 +196,10 @@ class RnnserveServer:
                 self.calls.in_flight,
             )
         self.runtime.sessions.freeze()
-        await self.grpc_server.stop(min(STOP_SETTLE_S, grace))
+        if self.http_frontend is not None:
+            await asyncio.gather(self.grpc_server.stop(min(STOP_SETTLE_S, grace)), self.http_frontend.stop())
+        else:
+            await self.grpc_server.stop(min(STOP_SETTLE_S, grace))
         await self._wait_quiet()
         if self.snapshots is not None:
             self.snapshot_saved = await self.snapshots.save() is not None
@@ -264,11 +278,30 @@ async def create_server(
     add_inference_servicer(InferenceServicer(LocalEngine(runtime), identity, settings), grpc_server)
     health_servicer = HealthServicer(settings.max_health_watches_per_peer)
     add_health_servicer(health_servicer, grpc_server)
-    enable_reflection((INFERENCE_SERVICE, health.SERVICE_NAME), grpc_server)
+    enable_reflection((INFERENCE_SERVICE, KSERVE_SERVICE, health.SERVICE_NAME), grpc_server)
     server = RnnserveServer(settings, runtime, grpc_server, health_servicer, calls)
+    add_kserve_servicer(KServeServicer(server.kserve, identity), grpc_server)
     await server.update_health()  # NOT_SERVING until start()
     port = _bind(grpc_server, settings.address, credentials)
     return server, port
+
+
+def attach_http(
+    server: RnnserveServer,
+    host: str,
+    port: int,
+    tokens: TokenTable | None = None,
+    tls: HttpTls | None = None,
+) -> int:
+    """Bind the HTTP front end (KServe v2 REST, generate, playground) on host:port, before
+    `server.start()`; port 0 picks a free one; `tls` serves HTTPS. Returns the bound port; raises
+    BindError."""
+    app = HttpApi(server.kserve, tokens).app()
+    try:
+        server.http_frontend = HttpFrontend(app, host, port, tls)
+    except HttpBindError as error:
+        raise BindError(str(error)) from None
+    return server.http_frontend.port
 
 
 async def build_server(
@@ -324,6 +357,8 @@ async def build_server(
         add_health_servicer(server.health, health_server)
         server.health_port = _bind(health_server, settings.health_address, None)
         server.health_server = health_server
+    if settings.http_port:  # bound last: nothing after it can fail and leave its socket open
+        attach_http(server, settings.http_bind_host, settings.http_port, tokens, HttpTls.of(settings))
     return server, port
 
 
@@ -340,6 +375,8 @@ def _describe(settings: ServerSettings, server: RnnserveServer, port: int) -> st
     ]
     if server.metrics_endpoint is not None:
         parts.append(f"metrics on {server.metrics_endpoint.url}")
+    if server.http_frontend is not None:
+        parts.append(f"HTTP (KServe v2, generate, playground) on {server.http_frontend.url}")
     if server.health_server is not None:
         parts.append(f"plaintext health on {join_host_port(settings.host, server.health_port)}")
     return "; ".join(parts)

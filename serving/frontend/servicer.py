@@ -73,7 +73,7 @@ class MalformedRequest:
         )
 
 
-def _request_parser(message_class: type[Message]) -> Callable[[bytes], Any]:
+def request_parser(message_class: type[Message]) -> Callable[[bytes], Any]:
     """A request deserializer that answers a MalformedRequest instead of raising DecodeError."""
     message_type = message_class.DESCRIPTOR.full_name
 
@@ -94,7 +94,7 @@ def add_inference_servicer(servicer: InferenceServicer, server: grpc.aio.Server)
     handlers = {
         method.name: HANDLER_KINDS[method.client_streaming, method.server_streaming][1](
             getattr(servicer, method.name),
-            request_deserializer=_request_parser(getattr(pb, method.input_type.name)),
+            request_deserializer=request_parser(getattr(pb, method.input_type.name)),
             response_serializer=getattr(pb, method.output_type.name).SerializeToString,
         )
         for method in service.methods

@@ -18,6 +18,9 @@ SIGTERM/SIGINT: the core drains (SIGUSR1: new sessions refused), the front ends 
 calls in flight --grace-period-s), then the core freezes, saves its snapshot and exits. SIGHUP
 goes to the core (look for new model versions now). The exit status is the core's.
 
+The front ends serve rnnserve.v1.Inference, health and reflection; KServe v2 (gRPC and HTTP)
+still calls the in-process Runtime and runs with `--frontends 0` only (a warning says so).
+
 The processes are this module run as `python -m serving.frontend.supervisor ROLE SOCKET ARGS...`
 with the `rnnserve serve` arguments, so each parses the same settings.
 """
@@ -147,6 +150,14 @@ def supervise(settings: ServerSettings, argv: Sequence[str]) -> int:
         log.error("cannot listen on %s: %s", join_host_port(settings.host, settings.port), error)
         return 1
     port = holder.getsockname()[1]
+    if settings.http_port:
+        log.warning(
+            "--frontends %d serves rnnserve.v1, health and reflection on port %d; the KServe v2 "
+            "service and the HTTP door (--http-port %d) run with --frontends 0 only, so neither is open",
+            settings.frontends,
+            port,
+            settings.http_port,
+        )
     workdir = tempfile.mkdtemp(prefix="rnnserve-engine-")  # mode 0700: only this user
     supervisor = Supervisor(settings, argv, port, workdir)
     received: list[int] = []

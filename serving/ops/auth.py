@@ -8,12 +8,12 @@ Tokens come from `--auth-tokens-file` (one per line) and from `RNNSERVE_AUTH_TOK
     ci:7d3e1b8f0a2c4e6d9b1f3a5c7e9d2b4f
     4c2a9e7d1b3f5a8c0e2d4b6f8a1c3e5d
 
-With any token configured, every call except grpc.health.v1's Check and Watch (probes carry no
-secrets) must carry `authorization: Bearer TOKEN` metadata, else it is answered UNAUTHENTICATED
-(ErrorInfo reason BEARER_TOKEN_MISSING or BEARER_TOKEN_INVALID) before any work is done. Health's
-List needs a token: it enumerates every model name the server serves. Server reflection needs
-a token too (grpcurl: -H 'authorization: Bearer ...'); it only describes the public API, but an
-open door is one more to watch.
+With any token configured, every call except grpc.health.v1's Check and Watch and KServe v2's
+ServerLive and ServerReady (probes carry no secrets) must carry `authorization: Bearer TOKEN`
+metadata, else it is answered UNAUTHENTICATED (ErrorInfo reason BEARER_TOKEN_MISSING or
+BEARER_TOKEN_INVALID) before any work is done. Health's List needs a token: it enumerates every
+model name the server serves. Server reflection needs a token too (grpcurl: -H 'authorization:
+Bearer ...'); it only describes the public API, but an open door is one more to watch.
 
 A token's identity owns the sessions it opens: any other identity is told NOT_FOUND for them, the
 same answer as for an id that never existed. The identity is NAME when the line names one, so
@@ -44,7 +44,14 @@ from serving.settings import ServerSettings
 
 AUTHORIZATION_KEY = "authorization"
 BEARER = "bearer "
-OPEN_PREFIXES = ("/grpc.health.v1.Health/Check", "/grpc.health.v1.Health/Watch")
+# Probes carry no secrets: grpc.health.v1's Check and Watch, and KServe v2's server liveness
+# and readiness.
+OPEN_PREFIXES = (
+    "/grpc.health.v1.Health/Check",
+    "/grpc.health.v1.Health/Watch",
+    "/inference.GRPCInferenceService/ServerLive",
+    "/inference.GRPCInferenceService/ServerReady",
+)
 MIN_TOKEN_CHARS = 16
 FIRST_MESSAGE_WAIT_S = 2.0  # how long a refused stream waits for its first message (see _refusal)
 _NAME = re.compile(r"[A-Za-z0-9._@-]{1,64}")

@@ -270,6 +270,8 @@ def test_servers_agree_with_the_server_settings(services: dict[str, dict[str, An
         assert settings.port in container_ports, f"{name}: gRPC port {settings.port} is not published"
         metrics_port = setting(settings, environment, "metrics_port")
         assert metrics_port in container_ports, f"{name}: metrics port {metrics_port} is not published"
+        http_port = setting(settings, environment, "http_port")
+        assert http_port in container_ports, f"{name}: HTTP port {http_port} is not published"
         assert settings.port == default_setting("port") and metrics_port == default_setting("metrics_port")
         # No TLS or tokens here, so /metrics would stay on the container's loopback unless told.
         assert settings.metrics_bind_host == "0.0.0.0", f"{name}: Prometheus could not reach /metrics"
@@ -284,7 +286,7 @@ def test_servers_agree_with_the_server_settings(services: dict[str, dict[str, An
 def test_host_ports_do_not_collide(services: dict[str, dict[str, Any]]) -> None:
     host_ports = [host for service in services.values() for host, _ in published_ports(service) if host]
     assert len(host_ports) == len(set(host_ports)), f"a host port is published twice: {sorted(host_ports)}"
-    assert published_ports(services["server"]) == [(50051, 50051), (9400, 9400)]
+    assert published_ports(services["server"]) == [(50051, 50051), (8000, 8000), (9400, 9400)]
     assert all(
         str(entry).startswith("127.0.0.1:")
         for service in services.values()
@@ -339,9 +341,13 @@ def test_scale_profile_wires_nginx_to_the_replicas_and_redis(services: dict[str,
     assert "redis" in replica["depends_on"]
 
     conf = NGINX_CONF.read_text()
-    assert upstream_servers(conf) == [("replica", settings.port, ["resolve"])]
-    (listen,) = nginx_values(conf, "listen")
-    assert [port for _, port in published_ports(services["nginx"])] == [int(listen[0])]
+    http_port = setting(settings, environment, "http_port")
+    assert upstream_servers(conf) == [
+        ("replica", settings.port, ["resolve"]),
+        ("replica", http_port, ["resolve"]),
+    ]
+    listens = [int(listen[0]) for listen in nginx_values(conf, "listen")]
+    assert [port for _, port in published_ports(services["nginx"])] == listens == [settings.port, http_port]
     # Docker's embedded DNS server, re-asked often enough to see replicas come and go.
     (resolver,) = nginx_values(conf, "resolver")
     assert resolver[0] == "127.0.0.11" and "valid=10s" in resolver

@@ -138,7 +138,9 @@ def test_serving_image_environment_agrees_with_the_server_settings(dockerfile: D
         assert str(settings.repository) == "/models"
         metrics_port = setting(settings, environment, "metrics_port")
         (expose,) = dockerfile.stage(target).all("EXPOSE")
-        assert sorted(int(port) for port in expose.value.split()) == sorted([settings.port, metrics_port])
+        http_port = setting(settings, environment, "http_port")
+        exposed = sorted(int(port) for port in expose.value.split())
+        assert exposed == sorted([settings.port, http_port, metrics_port])
     # The repository directory exists in the image, owned by its user, so that a named volume
     # mounted there starts writable by that user.
     (create_user,) = dockerfile.stage("runtime").all("RUN")

@@ -152,9 +152,12 @@ def test_server_deployment_agrees_with_the_server_settings(objects: list[dict[st
     assert settings.host == "0.0.0.0"
     assert container_port(server, "grpc") == settings.port == default_setting("port")
     assert container_port(server, "metrics") == setting(settings, env, "metrics_port")
+    assert container_port(server, "http") == setting(settings, env, "http_port")
     assert settings.metrics_bind_host == "0.0.0.0"  # else /metrics stays on the pod's loopback
-    for probe in ("startupProbe", "readinessProbe", "livenessProbe"):
+    for probe in ("startupProbe", "livenessProbe"):
         assert server[probe]["grpc"]["port"] == settings.port, probe
+    # Readiness: KServe v2's HTTP readiness endpoint, which answers 503 while draining.
+    assert server["readinessProbe"]["httpGet"] == {"path": "/v2/health/ready", "port": "http"}
     assert pod["terminationGracePeriodSeconds"] > settings.grace_period_s
     assert pod["securityContext"]["runAsUser"] == IMAGE_UID
     mounts = {mount["mountPath"]: mount for mount in server["volumeMounts"]}
@@ -207,10 +210,10 @@ def test_nginx_configmap_is_generated_from_the_nginx_conf(objects: list[dict[str
         "deploy/k8s/nginx-configmap.yaml is out of date: run python deploy/render_nginx_configmap.py"
     )
     assert (K8S_DIR / "nginx-configmap.yaml").read_text() == render.render()
-    # Only the two marked lines differ from the compose config.
+    # Only the marked lines differ from the compose config.
     compose_lines = NGINX_CONF.read_text().splitlines()
     changed = [line for line in conf.splitlines() if line not in compose_lines]
-    assert len(changed) == 2
+    assert len(changed) == len(render.KUBERNETES_LINES)
 
 
 def test_nginx_reaches_the_replicas_through_the_headless_service(objects: list[dict[str, Any]]) -> None:
@@ -218,17 +221,23 @@ def test_nginx_reaches_the_replicas_through_the_headless_service(objects: list[d
     conf = configmap["data"]["nginx.conf"]
     headless = find(objects, "Service", render.HEADLESS_SERVICE)
     assert headless["spec"]["clusterIP"] == "None"
-    grpc_port = next(port["port"] for port in headless["spec"]["ports"] if port["name"] == "grpc")
+    ports = {port["name"]: port["port"] for port in headless["spec"]["ports"]}
     fqdn = f"{headless['metadata']['name']}.{headless['metadata']['namespace']}.svc.cluster.local"
-    assert upstream_servers(conf) == [(fqdn, grpc_port, ["resolve"])]
+    assert upstream_servers(conf) == [(fqdn, ports["grpc"], ["resolve"]), (fqdn, ports["http"], ["resolve"])]
     (resolver,) = nginx_values(conf, "resolver")
     assert resolver[0] == "kube-dns.kube-system.svc.cluster.local"
 
     nginx = find(objects, "Deployment", "rnnserve-nginx")
     pod = nginx["spec"]["template"]["spec"]
     (nginx_container,) = pod["containers"]
-    (listen,) = nginx_values(conf, "listen")
-    assert container_port(nginx_container, "grpc") == int(listen[0])
+    grpc_listen, http_listen = nginx_values(conf, "listen")
+    assert container_port(nginx_container, "grpc") == int(grpc_listen[0])
+    assert container_port(nginx_container, "http") == int(http_listen[0])
+    service = find(objects, "Service", "rnnserve")
+    assert {port["name"]: port["port"] for port in service["spec"]["ports"]} == {
+        "grpc": int(grpc_listen[0]),
+        "http": int(http_listen[0]),
+    }
     (config_volume,) = [volume for volume in pod["volumes"] if "configMap" in volume]
     assert config_volume["configMap"]["name"] == configmap["metadata"]["name"]
     (config_mount,) = [

@@ -33,15 +33,14 @@ NGINX = shutil.which("nginx") or next((path for path in ("/usr/sbin/nginx",) if 
 def drop_resolve(conf: str) -> str:
     """Before 1.27.3: no `resolve` parameter, so the upstream name must resolve at start-up."""
     adapted, count = re.subn(r"(?m)^(\s*server )\S+:(\d+) resolve;", r"\g<1>127.0.0.1:\2;", conf)
-    assert count == 1, "nginx.conf no longer has the one `server HOST:PORT resolve;` this adapts"
+    assert count == 2, "nginx.conf no longer has the two `server HOST:PORT resolve;` this adapts"
     return adapted
 
 
 def listen_http2(conf: str) -> str:
     """Before 1.25.1: HTTP/2 is a parameter of `listen`, not the `http2 on;` directive."""
-    adapted, removed = re.subn(r"(?m)^\s*http2 on;\n", "", conf)
-    adapted, moved = re.subn(r"(?m)^(\s*listen \d+);", r"\1 http2;", adapted)
-    assert removed == 1 and moved == 1, "nginx.conf no longer has the `listen` + `http2 on;` this adapts"
+    adapted, moved = re.subn(r"(?m)^(\s*listen \d+);\n\s*http2 on;\n", r"\1 http2;\n", conf)
+    assert moved == 1, "nginx.conf no longer has the `listen` + `http2 on;` this adapts"
     return adapted
 
 
@@ -92,22 +91,41 @@ def test_nginx_accepts_the_config(flavour: str, tmp_path: Path) -> None:
 def test_sessions_stick_to_one_replica() -> None:
     conf = NGINX_CONF.read_text()
     directives = nginx_directives(conf)
-    assert nginx_values(conf, "hash") == [["$rnnserve_affinity_key", "consistent"]]
-    mapped = {
-        name: arguments for blocks, name, arguments in directives if blocks and blocks[-1].startswith("map ")
+    # gRPC and HTTP: each door's upstream hashes the same key.
+    assert nginx_values(conf, "hash") == [["$rnnserve_affinity_key", "consistent"]] * 2
+    maps: dict[str, dict[str, list[str]]] = {}
+    for blocks, name, arguments in directives:
+        if blocks and blocks[-1].startswith("map "):
+            maps.setdefault(blocks[-1], {})[name] = arguments
+    # With a session id: that id. Else with a sequence id (x-sequence-id, KServe v2 sequences,
+    # whose id is in the body): that id. Without either: a fresh random key per request, not one
+    # replica for all.
+    assert maps == {
+        "map $http_x_session_id $rnnserve_affinity_key": {
+            "": ["$rnnserve_sequence_key"],
+            "default": ["$http_x_session_id"],
+        },
+        "map $http_x_sequence_id $rnnserve_sequence_key": {
+            "": ["$request_id"],
+            "default": ["sequence:$http_x_sequence_id"],
+        },
     }
-    (map_block,) = {blocks[-1] for blocks, _, _ in directives if blocks and blocks[-1].startswith("map ")}
-    assert map_block == "map $http_x_session_id $rnnserve_affinity_key"
-    # With a session id: that id. Without one: a fresh random key per request, not one replica for all.
-    assert mapped == {"": ["$request_id"], "default": ["$http_x_session_id"]}
-    (upstream,) = {blocks[-1] for blocks, name, _ in directives if name == "hash"}
-    assert nginx_values(conf, "grpc_pass") == [[f"grpc://{upstream.split()[1]}"]]
+    grpc_upstream, http_upstream = [blocks[-1].split()[1] for blocks, name, _ in directives if name == "hash"]
+    assert nginx_values(conf, "grpc_pass") == [[f"grpc://{grpc_upstream}"]]
+    assert nginx_values(conf, "proxy_pass") == [[f"http://{http_upstream}"]]
 
 
 def test_streams_outlive_the_session_idle_timeout() -> None:
     conf = NGINX_CONF.read_text()
     idle = server_settings({}).session_idle_timeout_s
-    for name in ("grpc_read_timeout", "grpc_send_timeout", "client_body_timeout", "keepalive_timeout"):
+    for name in (
+        "grpc_read_timeout",
+        "grpc_send_timeout",
+        "proxy_read_timeout",
+        "proxy_send_timeout",
+        "client_body_timeout",
+        "keepalive_timeout",
+    ):
         (value,) = nginx_values(conf, name)
         assert nginx_seconds(value[0]) > idle, (
             f"{name} {value[0]} cuts sessions idle for less than {idle:.0f} s"
@@ -115,5 +133,8 @@ def test_streams_outlive_the_session_idle_timeout() -> None:
     # A stream is one request body for as long as it lasts: it must have no size cap.
     assert nginx_values(conf, "client_max_body_size") == [["0"]]
     assert nginx_values(conf, "http2") == [["on"]]
-    ((_, _, parameters),) = upstream_servers(conf)
-    assert "resolve" in parameters and nginx_values(conf, "resolver")
+    # Server-sent events pass through as they are written.
+    assert nginx_values(conf, "proxy_buffering") == [["off"]]
+    upstreams = upstream_servers(conf)
+    assert len(upstreams) == 2 and all("resolve" in parameters for _, _, parameters in upstreams)
+    assert nginx_values(conf, "resolver")

@@ -78,7 +78,8 @@ class OpsServer:
         from serving.ops.metrics import MetricsObserver
         from serving.settings import ServerSettings
 
-        self.settings = dataclasses.replace(ServerSettings(repository=repository, port=0), **overrides)
+        settings = ServerSettings(repository=repository, port=0, http_port=0)  # no HTTP door: see conftest
+        self.settings = dataclasses.replace(settings, **overrides)
         self.state_on_device = state_on_device
         self.metrics = MetricsObserver(process_metrics=False)
         self.registry = load_repository(self.settings, self.metrics, state_on_device, allow_empty=True)

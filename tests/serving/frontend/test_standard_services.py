@@ -33,17 +33,19 @@ def reflect_v1(
 
 def test_a_v1_only_reflection_client_lists_and_describes_the_services(server: ServerThread) -> None:
     with grpc.insecure_channel(server.target) as channel:
-        listed, inference, itself = reflect_v1(
+        listed, inference, itself, kserve = reflect_v1(
             channel,
             reflection_pb2.ServerReflectionRequest(list_services=""),
             reflection_pb2.ServerReflectionRequest(file_containing_symbol="rnnserve.v1.Inference"),
             reflection_pb2.ServerReflectionRequest(
                 file_containing_symbol="grpc.reflection.v1.ServerReflection"
             ),
+            reflection_pb2.ServerReflectionRequest(file_containing_symbol="inference.GRPCInferenceService"),
         )
     names = {service.name for service in listed.list_services_response.service}
     assert names == {
         "rnnserve.v1.Inference",
+        "inference.GRPCInferenceService",
         "grpc.health.v1.Health",
         "grpc.reflection.v1.ServerReflection",
         "grpc.reflection.v1alpha.ServerReflection",
@@ -53,6 +55,14 @@ def test_a_v1_only_reflection_client_lists_and_describes_the_services(server: Se
         for raw in inference.file_descriptor_response.file_descriptor_proto
     ]
     assert any(f.name.endswith("rnnserve/v1/inference.proto") for f in files)
+    kserve_files = [
+        descriptor_pb2.FileDescriptorProto.FromString(raw)
+        for raw in kserve.file_descriptor_response.file_descriptor_proto
+    ]
+    assert any(
+        f.package == "inference" and any(s.name == "GRPCInferenceService" for s in f.service)
+        for f in kserve_files
+    )
     [v1] = [
         descriptor_pb2.FileDescriptorProto.FromString(raw)
         for raw in itself.file_descriptor_response.file_descriptor_proto
