@@ -215,6 +215,7 @@ class TokenChannel:
         self._lock = threading.Lock()
         self._tokens: list[int] = []
         self._paused = False
+        self._cancelled = False  # set with the lock, so that a push never pauses a cancelled generation
         self._finish: FinishReason | None = None
         self._error: BaseException | None = None
         self._waiter: asyncio.Future[None] | None = None  # the reader waiting in take()
@@ -227,7 +228,7 @@ class TokenChannel:
         with self._lock:
             self._tokens.append(token)
             buffered = len(self._tokens)
-            paused = may_pause and buffered >= self.capacity
+            paused = may_pause and buffered >= self.capacity and not self._cancelled
             self._paused = paused
             return paused, paused or buffered >= reply_tokens
 
@@ -243,9 +244,15 @@ class TokenChannel:
         if waiter is not None and not waiter.done():
             waiter.set_result(None)
 
-    def take_paused(self) -> bool:
-        """Loop: if the generation is paused, unpause it and return True (caller resumes it)."""
+    def cancel(self) -> bool:
+        """Loop: no push pauses the generation from now on; returns True if it was paused (the
+        caller then resumes it, so that the worker sees it cancelled and drops it).
+
+        One lock orders this against the worker's push: a cancel that comes between the worker's
+        last check of `cancelled` and a push that would fill the buffer must not leave the
+        generation paused for ever, with nobody left to resume it."""
         with self._lock:
+            self._cancelled = True
             paused, self._paused = self._paused, False
             return paused
 
@@ -340,7 +347,7 @@ class GenerateWork(Work):
     def cancel(self) -> None:
         super().cancel()
         # A paused generation is in no queue; hand it to the worker so it can be dropped.
-        if self.channel.take_paused():
+        if self.channel.cancel():
             self.channel.resume()
 
 

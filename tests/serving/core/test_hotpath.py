@@ -92,7 +92,16 @@ def test_the_last_token_wakes_the_reader_at_once() -> None:
 def test_a_full_buffer_wakes_the_reader_whatever_the_reply_size() -> None:
     work = _generation(capacity=3)
     assert _wakes(work, 3, reply_tokens=50) == [1, 3]  # the first token, then the full buffer
-    assert work.channel.take_paused()
+    assert work.channel.cancel()  # it was paused: the caller must resume it
+
+
+def test_a_cancelled_generation_is_never_paused_by_a_later_push() -> None:
+    """The cancel can land between the worker's check of `cancelled` and its push that fills the
+    buffer: that push must not pause the generation, or nobody would ever resume and drop it."""
+    work = _generation(capacity=3)
+    assert not work.channel.cancel()  # not paused yet
+    paused = [work.channel.push(token, may_pause=True)[0] for token in (5, 6, 7, 8)]
+    assert paused == [False, False, False, False]
 
 
 def test_many_generations_share_replies_and_keep_their_tokens(
