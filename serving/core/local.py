@@ -25,7 +25,7 @@ from serving.core.interface import (
     StepOptions,
 )
 from serving.core.registry import LoadedModel
-from serving.core.runtime import GenerateParams, Generation, Runtime
+from serving.core.runtime import Generation, Runtime
 from serving.core.sessions import Session
 
 
@@ -164,19 +164,7 @@ class LocalEngine:
             await self.runtime.close(session)
 
     async def generate(self, fields: GenerateRequestFields, owner: str | None) -> LocalGeneration:
-        params = GenerateParams(
-            model=fields.model,
-            version=fields.version,
-            session_id=fields.session_id,
-            prompt_tokens=fields.prompt_tokens,
-            prompt_text=fields.prompt_text,
-            max_new_tokens=fields.max_new_tokens,
-            sampling=fields.sampling,
-            stop_tokens=fields.stop_tokens,
-            keep_session=fields.keep_session,
-            new_session_id=fields.new_session_id,
-        )
-        generation = await self.runtime.generate(params, owner)
+        generation = await self.runtime.generate(fields, owner)
         return LocalGeneration(generation, kept=bool(fields.session_id) or fields.keep_session)
 
     def _model_info(self, name: str, versions: list[LoadedModel]) -> ModelInfo:

@@ -42,6 +42,7 @@ from serving.core.errors import (
     UnavailableError,
     shown,
 )
+from serving.core.interface import GenerateRequestFields
 from serving.core.registry import LoadedModel, ModelRegistry
 from serving.core.sampling import Sampler, SamplingParams
 from serving.core.sessions import Session, SessionLimits, SessionManager
@@ -98,20 +99,8 @@ class SessionStore(Protocol):
         """The session was closed: forget its saved state."""
 
 
-@dataclass(frozen=True)
-class GenerateParams:
-    """A Generate request's fields (see GenerateRequest in inference.proto)."""
-
-    model: str = ""
-    version: int = 0
-    session_id: str = ""
-    prompt_tokens: Sequence[int] = ()
-    prompt_text: str = ""
-    max_new_tokens: int = 0
-    sampling: Sampling = Sampling()
-    stop_tokens: Sequence[int] = ()
-    keep_session: bool = False
-    new_session_id: str | None = None  # the id a kept new session takes (see serving.frontend.affinity)
+# A Generate request's fields, as every front end hands them to the core.
+GenerateParams = GenerateRequestFields
 
 
 @dataclass(frozen=True)
